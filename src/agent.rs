@@ -1,0 +1,646 @@
+//! The agent: one synchronous event loop over inotify, signals and restart
+//! completions, with deadlines for settle, deletion grace, expiry warnings,
+//! retries and resync. Nothing wakes it while idle.
+
+use crate::config::{self, Settings};
+use crate::notify::{self, Notifier};
+use crate::reconcile::{reconcile, Reconciled, Valid};
+use crate::schedule::{Plan, Scheduler};
+use crate::state::{self, now_ms, State};
+use crate::systemd::{ServiceManager, Worker};
+use crate::watch::{Change, Watcher};
+use anyhow::Context;
+use log::{debug, error, info, warn};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Per-watch memory that does not need to survive a restart.
+#[derive(Debug, Default)]
+struct Runtime {
+    absent_since: Option<Instant>,
+    logout_warned: bool,
+    last_refusal: Option<String>,
+    retry_at: Option<Instant>,
+    retries: u32,
+    warned_fp: Option<String>,
+    expiry_warned: Option<i64>,
+    expiry_errored: Option<i64>,
+}
+
+pub struct Agent {
+    config_path: PathBuf,
+    settings: Settings,
+    watcher: Watcher,
+    rt: Vec<Runtime>,
+    sched: Scheduler,
+    worker: Worker,
+    state: State,
+    dirty: bool,
+    notifier: Notifier,
+    watchdog: Option<Duration>,
+    next_watchdog: Option<Instant>,
+    next_resync: Option<Instant>,
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub fn run(
+    config_path: PathBuf,
+    settings: Settings,
+    manager: Box<dyn ServiceManager>,
+) -> anyhow::Result<()> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+    ] {
+        mask.add(s);
+    }
+    // Blocked before any thread starts, so every thread inherits the mask
+    // and the signals arrive only through the signalfd.
+    mask.thread_block().context("blocking signals")?;
+    let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .context("creating signalfd")?;
+    let worker = Worker::spawn(manager).context("starting the restart worker")?;
+    let mut agent = Agent::new(config_path, settings, worker)?;
+    agent.start();
+    let result = agent.event_loop(&sigfd);
+    agent.notifier.send("STOPPING=1");
+    agent.persist();
+    result
+}
+
+impl Agent {
+    fn new(config_path: PathBuf, settings: Settings, worker: Worker) -> anyhow::Result<Agent> {
+        let state = match state::load(&settings.agent.state_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("{e}");
+                State::default()
+            }
+        };
+        let watcher = new_watcher(&settings)?;
+        let watchdog = notify::watchdog_interval();
+        Ok(Agent {
+            config_path,
+            rt: settings
+                .watches
+                .iter()
+                .map(|_| Runtime::default())
+                .collect(),
+            sched: Scheduler::new(settings.agent.settle),
+            settings,
+            watcher,
+            worker,
+            state,
+            dirty: true,
+            notifier: Notifier::from_env(),
+            watchdog,
+            next_watchdog: None,
+            next_resync: None,
+        })
+    }
+
+    fn start(&mut self) {
+        self.state.version = 1;
+        self.state.agent.pid = Some(std::process::id());
+        self.state.agent.started_at_ms = Some(now_ms());
+        self.restore_restarts();
+        self.arm_all();
+        self.reconcile_all("start");
+        self.persist();
+        let status = self.summary();
+        self.notifier.send(&format!("READY=1\nSTATUS={status}"));
+        info!("ready: {status}");
+    }
+
+    /// Pending restarts and cooldowns survive an agent restart.
+    fn restore_restarts(&mut self) {
+        let now = Instant::now();
+        let now_wall = now_ms();
+        for w in &self.settings.watches {
+            let Some(r) = &w.restart else { continue };
+            for unit in &r.units {
+                let rec = self.state.units.get(unit).cloned().unwrap_or_default();
+                let last_start = rec.last_restart_ms.and_then(|ms| {
+                    let ago = Duration::from_millis(now_wall.saturating_sub(ms).max(0) as u64);
+                    now.checked_sub(ago)
+                });
+                if rec.pending {
+                    info!(
+                        "{}: restart of {unit} was pending when the agent stopped; scheduling it",
+                        w.name
+                    );
+                }
+                self.sched
+                    .restore(unit, plan(r), last_start, rec.pending, now);
+            }
+        }
+    }
+
+    fn arm_all(&mut self) {
+        for n in 0..self.watcher.len() {
+            self.arm(n);
+        }
+    }
+
+    fn arm(&mut self, n: usize) {
+        let name = &self.settings.watches[n].name;
+        match self.watcher.arm(n) {
+            Ok(()) => debug!("{name}: {}", self.watcher.describe(n)),
+            Err(e) => error!("{name}: {e}; {}", self.watcher.describe(n)),
+        }
+    }
+
+    fn reconcile_all(&mut self, why: &str) {
+        debug!("reconciling all watches ({why})");
+        for n in 0..self.watcher.len() {
+            self.process(n, true);
+        }
+        self.state.agent.last_reconcile_ms = Some(now_ms());
+        let problems: Vec<String> = self
+            .settings
+            .watches
+            .iter()
+            .filter_map(|w| {
+                let rec = self.state.watches.get(&w.name)?;
+                rec.last_error
+                    .as_ref()
+                    .or(rec.last_refusal.as_ref())
+                    .map(|p| format!("{}: {p}", w.name))
+            })
+            .collect();
+        self.state.agent.last_reconcile_result = Some(if problems.is_empty() {
+            "ok".into()
+        } else {
+            problems.join("; ")
+        });
+        self.dirty = true;
+        if let Some(every) = nonzero(self.settings.agent.resync_interval) {
+            self.next_resync = Some(Instant::now() + every);
+        }
+    }
+
+    /// Reads, validates and applies watch `n`'s source.
+    fn process(&mut self, n: usize, complete: bool) {
+        let now = Instant::now();
+        let w = &self.settings.watches[n];
+        let rec = self.state.watches.entry(w.name.clone()).or_default();
+        let last = rec.applied();
+        let result = reconcile(w, self.watcher.dir_fd(n), last.as_ref(), &rec.copies, false);
+        self.dirty = true;
+        match result {
+            Err(e) => {
+                let msg = e.to_string();
+                self.fail(n, msg);
+            }
+            Ok(Reconciled::Absent) => self.source_absent(n, now),
+            Ok(Reconciled::Unsafe(msg)) => self.refuse(n, msg),
+            Ok(Reconciled::Invalid(r)) if r.maybe_partial() && !complete => {
+                debug!(
+                    "{}: {} not complete yet ({r}); waiting for the write to finish",
+                    w.name,
+                    w.source.display()
+                );
+            }
+            Ok(Reconciled::Invalid(r)) => {
+                let msg = format!(
+                    "{}: refused: {r}; keeping the last good state",
+                    w.source.display()
+                );
+                self.refuse(n, msg);
+            }
+            Ok(Reconciled::Applied(v)) => self.applied(n, v, now),
+        }
+    }
+
+    fn refuse(&mut self, n: usize, msg: String) {
+        let w = &self.settings.watches[n];
+        let rt = &mut self.rt[n];
+        rt.absent_since = None;
+        if rt.last_refusal.as_deref() != Some(msg.as_str()) {
+            warn!("{}: {msg}", w.name);
+            self.notifier
+                .status(&format!("{}: refused a source file", w.name));
+        } else {
+            debug!("{}: {msg} (again)", w.name);
+        }
+        rt.last_refusal = Some(msg.clone());
+        self.state
+            .watches
+            .entry(w.name.clone())
+            .or_default()
+            .last_refusal = Some(msg);
+    }
+
+    fn fail(&mut self, n: usize, msg: String) {
+        let w = &self.settings.watches[n];
+        let rt = &mut self.rt[n];
+        rt.retries += 1;
+        let backoff = Duration::from_millis(500)
+            .saturating_mul(1 << rt.retries.min(10))
+            .min(Duration::from_secs(60));
+        rt.retry_at = Some(Instant::now() + backoff);
+        error!(
+            "{}: {msg}; retrying in {}",
+            w.name,
+            config::format_duration(backoff)
+        );
+        self.state
+            .watches
+            .entry(w.name.clone())
+            .or_default()
+            .last_error = Some(msg);
+    }
+
+    fn source_absent(&mut self, n: usize, now: Instant) {
+        let w = &self.settings.watches[n];
+        let rt = &mut self.rt[n];
+        if rt.absent_since.is_none() {
+            rt.absent_since = Some(now);
+            rt.logout_warned = false;
+            info!(
+                "{}: {} is absent ({}); nothing downstream is removed",
+                w.name,
+                w.source.display(),
+                self.watcher.describe(n)
+            );
+        }
+        rt.last_refusal = None;
+    }
+
+    fn applied(&mut self, n: usize, v: Valid, now: Instant) {
+        let w = &self.settings.watches[n];
+        let rt = &mut self.rt[n];
+        if rt.absent_since.take().is_some() {
+            info!("{}: {} is back", w.name, w.source.display());
+        }
+        rt.last_refusal = None;
+        let fp = v.fingerprint.short();
+        if rt.warned_fp.as_deref() != Some(fp.as_str()) {
+            for msg in &v.warnings {
+                warn!("{}: {msg} (fingerprint {fp})", w.name);
+            }
+            rt.warned_fp = Some(fp.clone());
+        }
+        let rec = self.state.watches.entry(w.name.clone()).or_default();
+        rec.copies.extend(v.written.clone());
+        if !v.errors.is_empty() {
+            let msg = v.errors.join("; ");
+            self.fail(n, msg);
+            return;
+        }
+        rt.retries = 0;
+        rt.retry_at = None;
+        rec.last_error = None;
+        rec.last_refusal = None;
+        let expiry = v
+            .expires_at
+            .map(|e| format!(", expiresAt {}", crate::validate::fmt_ms(e)))
+            .unwrap_or_default();
+        let changes = if v.changes.is_empty() {
+            "nothing to change".to_string()
+        } else {
+            v.changes.join(", ")
+        };
+        if v.content_changed {
+            let first = rec.fingerprint.is_none();
+            rec.set_applied(v.fingerprint, v.expires_at);
+            rt.expiry_warned = None;
+            rt.expiry_errored = None;
+            let action = format!("applied {fp}{expiry}: {changes}");
+            rec.last_action = Some(action.clone());
+            rec.last_action_at_ms = Some(now_ms());
+            match &w.restart {
+                Some(_) if first => info!(
+                    "{}: {action}; first credentials seen, adopted without a restart",
+                    w.name
+                ),
+                Some(r) => {
+                    for unit in &r.units {
+                        self.sched.request(unit, plan(r), now);
+                        let u = self.state.units.entry(unit.clone()).or_default();
+                        if !u.pending {
+                            u.pending = true;
+                            u.pending_since_ms = Some(now_ms());
+                        }
+                    }
+                    info!(
+                        "{}: {action}; restart of {} scheduled after {} quiet",
+                        w.name,
+                        r.units.join(", "),
+                        config::format_duration(self.settings.agent.settle)
+                    );
+                }
+                None => info!("{}: {action}", w.name),
+            }
+            self.notifier.status(&format!("{}: applied {fp}", w.name));
+        } else if !v.changes.is_empty() {
+            let action = format!("{fp} unchanged{expiry}: {changes}");
+            info!("{}: {action}", w.name);
+            rec.last_action = Some(action);
+            rec.last_action_at_ms = Some(now_ms());
+        } else {
+            debug!("{}: {fp} in sync", w.name);
+        }
+        for msg in &v.warnings {
+            if msg.contains("modified by another writer") {
+                warn!("{}: {msg}", w.name);
+            }
+        }
+    }
+
+    /// Expiry of the token last applied, as (deadline for warning, for error).
+    fn expiry_deadlines(&self, n: usize) -> Option<(i64, i64)> {
+        let w = &self.settings.watches[n];
+        let exp = self.state.watches.get(&w.name)?.expires_at_ms?;
+        Some((exp - w.expiry_warning.as_millis() as i64, exp))
+    }
+
+    fn check_timers(&mut self) {
+        let now = Instant::now();
+        let wall = now_ms();
+        for n in 0..self.watcher.len() {
+            let w = &self.settings.watches[n];
+            let rt = &mut self.rt[n];
+            if let Some(since) = rt.absent_since {
+                if !rt.logout_warned && now >= since + w.deletion_grace {
+                    rt.logout_warned = true;
+                    warn!(
+                        "{}: {} has been absent for {}: this looks like a logout, not a login; nothing downstream was removed",
+                        w.name,
+                        w.source.display(),
+                        config::format_duration(w.deletion_grace)
+                    );
+                }
+            }
+            if let Some((warn_at, exp)) = self.expiry_deadlines(n) {
+                let rt = &mut self.rt[n];
+                if wall >= exp && rt.expiry_errored != Some(exp) {
+                    rt.expiry_errored = Some(exp);
+                    error!(
+                        "{}: the token last applied expired at {} and no newer file arrived: nothing is refreshing it (run the CLI or /login as its user)",
+                        w.name,
+                        crate::validate::fmt_ms(exp)
+                    );
+                } else if wall >= warn_at && wall < exp && rt.expiry_warned != Some(exp) {
+                    rt.expiry_warned = Some(exp);
+                    warn!(
+                        "{}: the token last applied expires at {} (in {}) and no newer file has arrived: is anything refreshing it?",
+                        w.name,
+                        crate::validate::fmt_ms(exp),
+                        config::format_duration(Duration::from_secs(((exp - wall) / 1000) as u64))
+                    );
+                }
+            }
+            if self.rt[n].retry_at.is_some_and(|at| now >= at) {
+                self.rt[n].retry_at = None;
+                self.process(n, true);
+            }
+        }
+        let jobs = self.sched.take_due(now);
+        if !jobs.is_empty() {
+            for job in &jobs {
+                info!("restarting {} ({})", job.unit, job.plan.action.method());
+            }
+            self.notifier.status(&format!(
+                "restarting {}",
+                jobs.iter()
+                    .map(|j| j.unit.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            self.worker.submit(jobs);
+        }
+        if self.next_resync.is_some_and(|at| now >= at) {
+            self.reconcile_all("resync_interval");
+        }
+        if let (Some(every), true) = (self.watchdog, self.next_watchdog.is_none_or(|at| now >= at))
+        {
+            self.notifier.send("WATCHDOG=1");
+            self.next_watchdog = Some(now + every / 2);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let wall = now_ms();
+        let mut next: Vec<Instant> = Vec::new();
+        next.extend(self.sched.next_deadline());
+        next.extend(self.next_resync);
+        next.extend(self.next_watchdog);
+        for (n, rt) in self.rt.iter().enumerate() {
+            let w = &self.settings.watches[n];
+            if let (Some(since), false) = (rt.absent_since, rt.logout_warned) {
+                next.push(since + w.deletion_grace);
+            }
+            next.extend(rt.retry_at);
+            if let Some((warn_at, exp)) = self.expiry_deadlines(n) {
+                let at = if rt.expiry_warned != Some(exp) && wall < warn_at {
+                    Some(warn_at)
+                } else if rt.expiry_errored != Some(exp) {
+                    Some(exp.max(warn_at))
+                } else {
+                    None
+                };
+                if let Some(at) = at {
+                    next.push(now + Duration::from_millis((at - wall).max(0) as u64));
+                }
+            }
+        }
+        next.into_iter().min()
+    }
+
+    fn restart_outcomes(&mut self) {
+        let now = Instant::now();
+        for out in self.worker.finished() {
+            let ok = out.result.is_ok();
+            let backoff = self.sched.finished(&out.unit, ok, now);
+            let rec = self.state.units.entry(out.unit.clone()).or_default();
+            rec.last_restart_ms = Some(now_ms());
+            match &out.result {
+                Ok(()) => {
+                    rec.restarts += 1;
+                    rec.failures = 0;
+                    rec.last_result = Some("done".into());
+                    if !self.sched.is_pending(&out.unit) {
+                        rec.pending = false;
+                        rec.pending_since_ms = None;
+                    }
+                    info!("restarted {}", out.unit);
+                    self.notifier.status(&format!("restarted {}", out.unit));
+                }
+                Err(e) => {
+                    rec.failures = self.sched.failures(&out.unit);
+                    rec.last_result = Some(e.clone());
+                    rec.pending = true;
+                    error!(
+                        "restart of {} failed: {e}; retrying in {} (attempt {})",
+                        out.unit,
+                        config::format_duration(backoff.unwrap_or_default()),
+                        rec.failures + 1
+                    );
+                    self.notifier
+                        .status(&format!("restart of {} failed", out.unit));
+                }
+            }
+            self.dirty = true;
+        }
+    }
+
+    fn reload(&mut self) {
+        self.notifier.send("RELOADING=1");
+        match config::load(&self.config_path) {
+            Err(e) => error!("reload rejected, keeping the running configuration: {e}"),
+            Ok(new) if new == self.settings => info!("reload: configuration unchanged"),
+            Ok(new) => match new_watcher(&new) {
+                Err(e) => error!("reload rejected, keeping the running configuration: {e:#}"),
+                Ok(watcher) => {
+                    crate::logging::set_level(new.agent.log_level.filter());
+                    self.sched.set_settle(new.agent.settle);
+                    self.rt = new.watches.iter().map(|_| Runtime::default()).collect();
+                    self.watcher = watcher;
+                    self.settings = new;
+                    self.next_resync = None;
+                    info!(
+                        "reloaded configuration from {}",
+                        self.settings
+                            .files
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    self.restore_restarts();
+                    self.arm_all();
+                    self.reconcile_all("reload");
+                }
+            },
+        }
+        self.notifier
+            .send(&format!("READY=1\nSTATUS={}", self.summary()));
+    }
+
+    fn persist(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        match state::save(&self.settings.agent.state_dir, &self.state) {
+            Ok(()) => self.dirty = false,
+            Err(e) => error!("cannot save state: {e}"),
+        }
+    }
+
+    fn summary(&self) -> String {
+        let n = self.settings.watches.len();
+        let refused = self.rt.iter().filter(|r| r.last_refusal.is_some()).count();
+        let absent = self.rt.iter().filter(|r| r.absent_since.is_some()).count();
+        format!("watching {n} source(s), {absent} absent, {refused} refused")
+    }
+
+    fn event_loop(&mut self, sigfd: &SignalFd) -> anyhow::Result<()> {
+        loop {
+            let timeout = match self.next_deadline() {
+                None => PollTimeout::NONE,
+                Some(at) => {
+                    let ms = at.saturating_duration_since(Instant::now()).as_millis();
+                    // Round up so a deadline is never polled for early in a busy loop.
+                    PollTimeout::try_from(ms.saturating_add(1).min(i32::MAX as u128))
+                        .unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let (ino, sig, done) = {
+                let mut fds = [
+                    PollFd::new(self.watcher.fd(), PollFlags::POLLIN),
+                    PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.worker.wake.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, timeout) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e).context("poll"),
+                }
+                let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
+            };
+            if sig {
+                while let Ok(Some(info)) = sigfd.read_signal() {
+                    match Signal::try_from(info.ssi_signo as i32) {
+                        Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                            info!("stopping on signal {}", info.ssi_signo);
+                            return Ok(());
+                        }
+                        Ok(Signal::SIGHUP) => self.reload(),
+                        Ok(Signal::SIGUSR1) => {
+                            info!("SIGUSR1: reconciling everything now");
+                            self.reconcile_all("SIGUSR1");
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if ino {
+                self.handle_inotify()?;
+            }
+            if done {
+                self.restart_outcomes();
+            }
+            self.check_timers();
+            self.persist();
+        }
+    }
+
+    fn handle_inotify(&mut self) -> anyhow::Result<()> {
+        let changes = self.watcher.read().context("reading inotify events")?;
+        if changes.contains(&Change::Overflow) {
+            warn!("inotify queue overflowed: re-scanning every watch");
+            self.arm_all();
+            self.reconcile_all("overflow");
+            return Ok(());
+        }
+        // Coalesce: each watch is re-armed and processed at most once per batch.
+        let mut rearm = vec![false; self.watcher.len()];
+        let mut touched: Vec<Option<bool>> = vec![None; self.watcher.len()];
+        for c in changes {
+            match c {
+                Change::Rearm(n) => rearm[n] = true,
+                Change::Source { watch, complete } => {
+                    let t = &mut touched[watch];
+                    *t = Some(t.unwrap_or(false) || complete);
+                }
+                Change::Overflow => {}
+            }
+        }
+        for n in 0..self.watcher.len() {
+            if rearm[n] {
+                self.arm(n);
+                self.process(n, true);
+            } else if let Some(complete) = touched[n] {
+                self.process(n, complete);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn new_watcher(settings: &Settings) -> anyhow::Result<Watcher> {
+    let sources: Vec<PathBuf> = settings.watches.iter().map(|w| w.source.clone()).collect();
+    Watcher::new(&sources)
+        .context("creating the inotify instance (fs.inotify.max_user_instances reached?)")
+}
+
+fn plan(r: &config::RestartSettings) -> Plan {
+    Plan {
+        action: r.action,
+        timeout: r.timeout,
+        min_interval: r.min_interval,
+    }
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}

@@ -1,0 +1,101 @@
+//! Command line: parses flags, sets up logging, dispatches, and turns errors
+//! into exit codes (78 for any configuration error).
+
+use crate::config::{self, ConfigError};
+use crate::EX_CONFIG;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cred-watch",
+    version,
+    about = "Keeps OAuth credentials readable, copied and fresh for the services that use them"
+)]
+struct Cli {
+    /// Main configuration file (default /etc/cred-watch/cred-watch.toml, or $CRED_WATCH_CONFIG).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (what the systemd unit runs).
+    Run,
+    /// Validate the configuration and print the effective configuration.
+    Check,
+    /// One reconcile pass, then exit (0 in sync or applied, 1 otherwise).
+    Sync {
+        /// Show what would change without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only this watch.
+        #[arg(long, value_name = "NAME")]
+        watch: Option<String>,
+    },
+    /// What the agent last did, from the state file.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entry point: returns the process exit code.
+pub fn run() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    crate::logging::init(log::LevelFilter::Info);
+    let path = config::main_path(cli.config.as_deref());
+    let settings = match config::load(&path) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e),
+    };
+    crate::logging::set_level(settings.agent.log_level.filter());
+    let result = match cli.command {
+        Command::Check => {
+            print!(
+                "# effective configuration from {}\n{}",
+                settings
+                    .files
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                settings.to_toml()
+            );
+            Ok(0)
+        }
+        Command::Run => crate::agent::run(path, settings, crate::systemd::from_env()).map(|()| 0),
+        Command::Sync { dry_run, watch } => {
+            crate::commands::sync(&settings, dry_run, watch.as_deref())
+        }
+        Command::Status { json } => crate::commands::status(&settings, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(ce) = e.downcast_ref::<ConfigError>() {
+                return config_error(ce);
+            }
+            // The error chain, one cause per line.
+            log::error!("{e}");
+            for cause in e.chain().skip(1) {
+                log::error!("  caused by: {cause}");
+            }
+            1
+        }
+    }
+}
+
+fn config_error(e: &ConfigError) -> i32 {
+    log::error!("configuration error: {e}");
+    EX_CONFIG
+}

@@ -1,0 +1,230 @@
+//! One-shot commands: `sync` (one reconcile pass, restarts included) and
+//! `status` (what the agent last did, from the state file).
+
+use crate::config::{format_duration, Settings};
+use crate::fsutil::{self, FsError};
+use crate::reconcile::{reconcile, Reconciled};
+use crate::state::{self, now_ms};
+use crate::validate::fmt_ms;
+use anyhow::bail;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+/// One reconcile pass. Returns 0 when every watch is in sync or was
+/// applied, 1 otherwise.
+pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::Result<i32> {
+    if let Some(name) = only {
+        if settings.watch(name).is_none() {
+            bail!("no watch named {name:?} in the configuration");
+        }
+    }
+    let dir = &settings.agent.state_dir;
+    let mut st = state::load(dir).unwrap_or_else(|e| {
+        log::warn!("{e}");
+        Default::default()
+    });
+    let mut manager = (!dry_run).then(crate::systemd::from_env);
+    let mut healthy = true;
+    let verb = if dry_run { "would apply" } else { "applied" };
+    for w in settings
+        .watches
+        .iter()
+        .filter(|w| only.is_none_or(|n| n == w.name))
+    {
+        let (dir_path, _) = w.source_dir_and_name();
+        let rec = st.watches.entry(w.name.clone()).or_default();
+        let last = rec.applied();
+        let dir_fd = match fsutil::open_dir(dir_path) {
+            Ok(fd) => Some(fd),
+            Err(FsError::Missing(_)) => None,
+            Err(e) => {
+                println!("{}: {e}", w.name);
+                healthy = false;
+                continue;
+            }
+        };
+        let result = reconcile(
+            w,
+            dir_fd.as_ref().map(|f| f.as_fd()),
+            last.as_ref(),
+            &rec.copies,
+            dry_run,
+        )?;
+        let mut restart = false;
+        match result {
+            Reconciled::Absent => {
+                println!(
+                    "{}: {} is absent; nothing to do",
+                    w.name,
+                    w.source.display()
+                );
+                healthy = false;
+            }
+            Reconciled::Unsafe(msg) => {
+                println!("{}: {msg}", w.name);
+                healthy = false;
+            }
+            Reconciled::Invalid(r) => {
+                println!("{}: {}: refused: {r}", w.name, w.source.display());
+                healthy = false;
+            }
+            Reconciled::Applied(v) => {
+                let expiry = v
+                    .expires_at
+                    .map(|e| format!(", expiresAt {}", fmt_ms(e)))
+                    .unwrap_or_default();
+                for warning in &v.warnings {
+                    println!("{}: warning: {warning}", w.name);
+                }
+                for err in &v.errors {
+                    println!("{}: error: {err}", w.name);
+                }
+                if !v.errors.is_empty() {
+                    healthy = false;
+                } else if v.changes.is_empty() && !v.content_changed {
+                    println!("{}: in sync ({}{expiry})", w.name, v.fingerprint.short());
+                } else {
+                    let changes = if v.changes.is_empty() {
+                        "new credentials".into()
+                    } else {
+                        v.changes.join(", ")
+                    };
+                    println!(
+                        "{}: {verb} {}{expiry}: {changes}",
+                        w.name,
+                        v.fingerprint.short()
+                    );
+                }
+                if !dry_run && v.errors.is_empty() {
+                    rec.copies.extend(v.written);
+                    restart = v.content_changed && rec.fingerprint.is_some();
+                    if v.content_changed {
+                        rec.set_applied(v.fingerprint, v.expires_at);
+                    }
+                    rec.last_action = Some(format!("sync: {}", v.fingerprint.short()));
+                    rec.last_action_at_ms = Some(now_ms());
+                }
+            }
+        }
+        let Some(r) = &w.restart else { continue };
+        for unit in &r.units {
+            let owed = restart || st.units.get(unit).is_some_and(|u| u.pending);
+            if !owed {
+                continue;
+            }
+            let Some(manager) = manager.as_mut() else {
+                println!("{}: would restart {unit}", w.name);
+                continue;
+            };
+            let u = st.units.entry(unit.clone()).or_default();
+            u.last_restart_ms = Some(now_ms());
+            match manager.restart(unit, r.action, r.timeout) {
+                Ok(()) => {
+                    println!("{}: restarted {unit}", w.name);
+                    u.pending = false;
+                    u.restarts += 1;
+                    u.failures = 0;
+                    u.last_result = Some("done".into());
+                }
+                Err(e) => {
+                    println!("{}: restart of {unit} failed: {e:#}", w.name);
+                    u.pending = true;
+                    u.failures += 1;
+                    u.last_result = Some(format!("{e:#}"));
+                    healthy = false;
+                }
+            }
+        }
+    }
+    if !dry_run {
+        st.agent.last_reconcile_ms = Some(now_ms());
+        st.agent.last_reconcile_result = Some(if healthy {
+            "ok (sync)".into()
+        } else {
+            "problems (sync)".into()
+        });
+        state::save(dir, &st)?;
+    }
+    Ok(if healthy { 0 } else { 1 })
+}
+
+fn ago(ms: Option<i64>) -> String {
+    match ms {
+        Some(ms) => format!(
+            "{} ({} ago)",
+            fmt_ms(ms),
+            format_duration(Duration::from_secs(((now_ms() - ms).max(0) / 1000) as u64))
+        ),
+        None => "never".into(),
+    }
+}
+
+/// Prints what the agent last did. Always exits 0.
+pub fn status(settings: &Settings, json: bool) -> anyhow::Result<i32> {
+    let st = state::load(&settings.agent.state_dir).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(0);
+    }
+    println!(
+        "state: {}",
+        state::state_path(&settings.agent.state_dir).display()
+    );
+    println!(
+        "agent: pid {}, started {}",
+        st.agent.pid.map_or("-".into(), |p| p.to_string()),
+        ago(st.agent.started_at_ms)
+    );
+    println!(
+        "last reconcile: {} — {}",
+        ago(st.agent.last_reconcile_ms),
+        st.agent.last_reconcile_result.as_deref().unwrap_or("-")
+    );
+    for w in &settings.watches {
+        let rec = st.watches.get(&w.name).cloned().unwrap_or_default();
+        println!("watch {}: {}", w.name, w.source.display());
+        println!(
+            "  applied: {} at {}",
+            rec.short_fingerprint().unwrap_or("nothing yet"),
+            ago(rec.applied_at_ms)
+        );
+        if let Some(exp) = rec.expires_at_ms {
+            let left = exp - now_ms();
+            let when = if left > 0 {
+                format!(
+                    "in {}",
+                    format_duration(Duration::from_secs((left / 1000) as u64))
+                )
+            } else {
+                "EXPIRED".into()
+            };
+            println!("  token expires: {} ({when})", fmt_ms(exp));
+        }
+        println!(
+            "  last action: {} at {}",
+            rec.last_action.as_deref().unwrap_or("-"),
+            ago(rec.last_action_at_ms)
+        );
+        if let Some(r) = &rec.last_refusal {
+            println!("  last refusal: {r}");
+        }
+        if let Some(e) = &rec.last_error {
+            println!("  last error: {e}");
+        }
+        for unit in w.restart.iter().flat_map(|r| &r.units) {
+            let u = st.units.get(unit).cloned().unwrap_or_default();
+            println!(
+                "  unit {unit}: {}, last restart {} ({}), {} restarts",
+                if u.pending {
+                    "restart PENDING"
+                } else {
+                    "no restart pending"
+                },
+                ago(u.last_restart_ms),
+                u.last_result.as_deref().unwrap_or("-"),
+                u.restarts
+            );
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,37 @@
+//! cred-watch: watches an OAuth credentials file that a CLI replaces by
+//! atomic rename, validates it, fixes its permissions or copies it to a
+//! shared place, and restarts the units that read it.
+
+/// The agent: event loop, signals, timers, state.
+pub mod agent;
+/// Actions: mode through the fd, ancestor search bits, atomic copies.
+pub mod apply;
+/// Command line: flags, subcommands, exit codes.
+pub mod cli;
+/// One-shot commands: sync and status.
+pub mod commands;
+/// Configuration: raw TOML and drop-ins, validated into settings.
+pub mod config;
+/// Path walking through directory fds and atomic replacement.
+pub mod fsutil;
+/// Logging to stderr with syslog priority prefixes under journald.
+pub mod logging;
+/// sd_notify messages to systemd.
+pub mod notify;
+/// One reconcile of one watch: read, validate, apply.
+pub mod reconcile;
+/// Restart scheduling: settle, min_interval, coalescing, backoff.
+pub mod schedule;
+/// Safe reads of the source file.
+pub mod source;
+/// Persisted state under state_dir.
+pub mod state;
+/// Service manager trait, restart worker and test recorder.
+pub mod systemd;
+/// Credential formats, fingerprints and refusals.
+pub mod validate;
+/// Inotify watches that survive deletion and re-creation of directories.
+pub mod watch;
+
+/// Exit status for a configuration error (sysexits EX_CONFIG).
+pub const EX_CONFIG: i32 = 78;

@@ -1,0 +1,266 @@
+//! Restart scheduling, free of I/O: debounce by `settle`, at most one restart
+//! per unit per `min_interval`, coalescing of changes, and exponential
+//! backoff after failures. A change that arrives while a restart is running
+//! or cooling down is never lost: it yields exactly one more restart.
+
+use crate::config::RestartAction;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
+
+/// How one unit is restarted (from the watch that asked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub action: RestartAction,
+    pub timeout: Duration,
+    pub min_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Unit {
+    plan: Plan,
+    /// A restart is owed.
+    pending: bool,
+    /// When the owed restart became owed (caps the debounce).
+    pending_since: Option<Instant>,
+    /// Not before this (settle after the latest change, or backoff).
+    not_before: Option<Instant>,
+    last_start: Option<Instant>,
+    in_flight: bool,
+    failures: u32,
+}
+
+/// A restart the caller should start now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub unit: String,
+    pub plan: Plan,
+}
+
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    settle: Duration,
+    units: BTreeMap<String, Unit>,
+}
+
+impl Scheduler {
+    pub fn new(settle: Duration) -> Self {
+        Scheduler {
+            settle,
+            units: BTreeMap::new(),
+        }
+    }
+
+    pub fn set_settle(&mut self, settle: Duration) {
+        self.settle = settle;
+    }
+
+    /// Restores a unit's history (e.g. from the state file after an agent
+    /// restart) so `min_interval` still holds.
+    pub fn restore(
+        &mut self,
+        unit: &str,
+        plan: Plan,
+        last_start: Option<Instant>,
+        pending: bool,
+        now: Instant,
+    ) {
+        let u = self.entry(unit, plan);
+        u.last_start = last_start;
+        if pending {
+            u.pending = true;
+            u.pending_since = Some(now);
+            u.not_before = None;
+        }
+    }
+
+    fn entry(&mut self, unit: &str, plan: Plan) -> &mut Unit {
+        let u = self.units.entry(unit.to_owned()).or_insert_with(|| Unit {
+            plan: plan.clone(),
+            pending: false,
+            pending_since: None,
+            not_before: None,
+            last_start: None,
+            in_flight: false,
+            failures: 0,
+        });
+        u.plan = plan;
+        u
+    }
+
+    /// The credentials changed: `unit` needs a restart after things settle.
+    pub fn request(&mut self, unit: &str, plan: Plan, now: Instant) {
+        let settle = self.settle;
+        let u = self.entry(unit, plan);
+        if !u.pending {
+            u.pending = true;
+            u.pending_since = Some(now);
+            u.failures = 0;
+        }
+        u.not_before = Some(now + settle);
+    }
+
+    fn due_at(&self, u: &Unit) -> Option<Instant> {
+        if !u.pending || u.in_flight {
+            return None;
+        }
+        let since = u.pending_since?;
+        // Debounce, but a steady storm cannot postpone a restart forever.
+        let cap = since + self.settle.max(u.plan.min_interval);
+        let mut at = u.not_before.map_or(since, |nb| nb.min(cap));
+        if u.failures > 0 {
+            at = at.max(u.not_before.unwrap_or(at));
+        }
+        if let Some(last) = u.last_start {
+            at = at.max(last + u.plan.min_interval);
+        }
+        Some(at)
+    }
+
+    /// When the next restart is due, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.units.values().filter_map(|u| self.due_at(u)).min()
+    }
+
+    /// Takes the restarts due at `now`, marking them in flight.
+    pub fn take_due(&mut self, now: Instant) -> Vec<Job> {
+        let due: Vec<String> = self
+            .units
+            .iter()
+            .filter(|(_, u)| self.due_at(u).is_some_and(|at| at <= now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        due.into_iter()
+            .map(|name| {
+                let u = self.units.get_mut(&name).expect("unit listed above");
+                u.pending = false;
+                u.pending_since = None;
+                u.not_before = None;
+                u.in_flight = true;
+                u.last_start = Some(now);
+                Job {
+                    unit: name,
+                    plan: u.plan.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// A restart finished. On failure it is owed again, after a backoff.
+    /// Returns the backoff used, if any.
+    pub fn finished(&mut self, unit: &str, ok: bool, now: Instant) -> Option<Duration> {
+        let u = self.units.get_mut(unit)?;
+        u.in_flight = false;
+        if ok {
+            u.failures = 0;
+            return None;
+        }
+        u.failures += 1;
+        let backoff = BACKOFF_BASE
+            .saturating_mul(1 << (u.failures - 1).min(16))
+            .min(BACKOFF_CAP);
+        if !u.pending {
+            u.pending = true;
+            u.pending_since = Some(now);
+        }
+        u.not_before = Some(now + backoff);
+        Some(backoff)
+    }
+
+    pub fn is_pending(&self, unit: &str) -> bool {
+        self.units
+            .get(unit)
+            .is_some_and(|u| u.pending || u.in_flight)
+    }
+
+    pub fn failures(&self, unit: &str) -> u32 {
+        self.units.get(unit).map_or(0, |u| u.failures)
+    }
+
+    pub fn any_in_flight(&self) -> bool {
+        self.units.values().any(|u| u.in_flight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(min: u64) -> Plan {
+        Plan {
+            action: RestartAction::Restart,
+            timeout: Duration::from_secs(90),
+            min_interval: Duration::from_secs(min),
+        }
+    }
+
+    #[test]
+    fn settles_then_restarts_once() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Duration::from_millis(500));
+        s.request("a.service", plan(10), t0);
+        s.request("a.service", plan(10), t0 + Duration::from_millis(300));
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(800)));
+        assert!(s.take_due(t0 + Duration::from_millis(799)).is_empty());
+        assert_eq!(s.take_due(t0 + Duration::from_millis(800)).len(), 1);
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn change_during_restart_and_cooldown_gives_one_more() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Duration::ZERO);
+        s.request("a.service", plan(10), t0);
+        assert_eq!(s.take_due(t0).len(), 1);
+        // Two changes while the job runs: one more restart, after min_interval.
+        s.request("a.service", plan(10), t0 + Duration::from_secs(1));
+        s.request("a.service", plan(10), t0 + Duration::from_secs(2));
+        assert!(
+            s.take_due(t0 + Duration::from_secs(3)).is_empty(),
+            "in flight"
+        );
+        s.finished("a.service", true, t0 + Duration::from_secs(3));
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(10)));
+        assert_eq!(s.take_due(t0 + Duration::from_secs(10)).len(), 1);
+        s.finished("a.service", true, t0 + Duration::from_secs(11));
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn storm_cannot_postpone_forever() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Duration::from_millis(500));
+        for i in 0..100 {
+            s.request("a.service", plan(2), t0 + Duration::from_millis(i * 100));
+        }
+        // Owed since t0; cap at t0 + max(settle, min_interval) = 2s.
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn failures_back_off_exponentially() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Duration::ZERO);
+        s.request("a.service", plan(0), t0);
+        assert_eq!(s.take_due(t0).len(), 1);
+        assert_eq!(
+            s.finished("a.service", false, t0),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(1)));
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(s.take_due(t1).len(), 1);
+        assert_eq!(
+            s.finished("a.service", false, t1),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(s.next_deadline(), Some(t1 + Duration::from_secs(2)));
+        for _ in 0..20 {
+            let at = s.next_deadline().unwrap();
+            s.take_due(at);
+            assert!(s.finished("a.service", false, at).unwrap() <= BACKOFF_CAP);
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Persisted state under `state_dir` (`state.json`): per watch what was last
+//! applied, per unit pending restarts and results. Written atomically; holds
+//! fingerprints and times only, never contents.
+
+use crate::fsutil::{self, FileMeta, FsError};
+use crate::validate::{Applied, Fingerprint};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    pub version: u32,
+    pub agent: AgentRecord,
+    pub watches: BTreeMap<String, WatchRecord>,
+    pub units: BTreeMap<String, UnitRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentRecord {
+    pub pid: Option<u32>,
+    pub started_at_ms: Option<i64>,
+    pub last_reconcile_ms: Option<i64>,
+    pub last_reconcile_result: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WatchRecord {
+    /// First 12 hex digits are shown; the full hash is kept to compare.
+    pub fingerprint: Option<String>,
+    pub expires_at_ms: Option<i64>,
+    pub applied_at_ms: Option<i64>,
+    pub last_action: Option<String>,
+    pub last_action_at_ms: Option<i64>,
+    pub last_refusal: Option<String>,
+    pub last_error: Option<String>,
+    /// SHA-256 of the bytes last written to each copy destination, to
+    /// notice another writer.
+    pub copies: BTreeMap<String, String>,
+}
+
+impl WatchRecord {
+    pub fn applied(&self) -> Option<Applied> {
+        let hex = self.fingerprint.as_deref()?;
+        let mut fp = [0u8; 32];
+        if hex.len() != 64 {
+            return None;
+        }
+        for (i, b) in fp.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Applied {
+            fingerprint: Fingerprint(fp),
+            expires_at: self.expires_at_ms,
+        })
+    }
+
+    pub fn set_applied(&mut self, fp: Fingerprint, expires_at: Option<i64>) {
+        self.fingerprint = Some(fp.0.iter().map(|b| format!("{b:02x}")).collect());
+        self.expires_at_ms = expires_at;
+        self.applied_at_ms = Some(now_ms());
+    }
+
+    pub fn short_fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref().map(|f| &f[..12.min(f.len())])
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UnitRecord {
+    pub pending: bool,
+    pub pending_since_ms: Option<i64>,
+    pub last_restart_ms: Option<i64>,
+    pub last_result: Option<String>,
+    pub failures: u32,
+    pub restarts: u64,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn state_path(dir: &Path) -> PathBuf {
+    dir.join(STATE_FILE)
+}
+
+/// Loads the state; a missing file is an empty state. A corrupt one is
+/// reported and treated as empty (it only holds what can be re-learned).
+pub fn load(dir: &Path) -> Result<State, String> {
+    let path = state_path(dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: unreadable state ({e}); starting fresh", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Writes the state atomically (mode 0600), creating `dir` (0700) if needed.
+pub fn save(dir: &Path, state: &State) -> Result<(), FsError> {
+    let fd = fsutil::ensure_dir(dir, 0o700, None, None)?;
+    let mut bytes = serde_json::to_vec_pretty(state).unwrap_or_default();
+    bytes.push(b'\n');
+    fsutil::replace_file(
+        fd.as_fd(),
+        dir,
+        STATE_FILE.as_ref(),
+        &bytes,
+        FileMeta {
+            owner: None,
+            group: None,
+            mode: 0o600,
+        },
+    )
+}

@@ -1,0 +1,267 @@
+//! Inotify watches on each source's directory, filtered by file name. When
+//! the directory (or an ancestor) is missing, the deepest existing ancestor
+//! is watched for the next component instead, so deletion and re-creation of
+//! the whole tree is followed. Directories are opened without following
+//! symlinks and watched through their descriptors.
+
+use crate::fsutil::{self, FsError};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// One mask for every directory: the kernel keeps one mask per inode, and
+/// two sources may share a directory.
+fn mask() -> WatchMask {
+    WatchMask::CREATE
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::ATTRIB
+        | WatchMask::DELETE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::ONLYDIR
+        | WatchMask::EXCL_UNLINK
+}
+
+/// What happened, for the agent to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The source of watch `n` may have changed. `complete` is false when
+    /// the only event was a creation (a write may still be under way).
+    Source { watch: usize, complete: bool },
+    /// The watched directory of watch `n` went away or appeared: re-arm.
+    Rearm(usize),
+    /// Events were lost: everything must be re-scanned.
+    Overflow,
+}
+
+/// A watched directory on the way to a source, and the entry in it that
+/// matters: the next path component, or the source file for the leaf.
+struct Link {
+    wd: WatchDescriptor,
+    child: OsString,
+}
+
+struct Slot {
+    dir: PathBuf,
+    file: OsString,
+    /// Every existing directory from `/` down, each watched for its child.
+    /// The last one is the leaf; it holds the source when `fd` is set.
+    links: Vec<Link>,
+    /// The source's directory, opened without following symlinks.
+    fd: Option<OwnedFd>,
+}
+
+pub struct Watcher {
+    inotify: Inotify,
+    wds: HashMap<WatchDescriptor, Vec<usize>>,
+    slots: Vec<Slot>,
+    buf: Vec<u8>,
+}
+
+impl Watcher {
+    /// `sources` are absolute file paths; nothing is watched until [`arm`].
+    pub fn new(sources: &[PathBuf]) -> std::io::Result<Watcher> {
+        let slots = sources
+            .iter()
+            .map(|s| {
+                let (dir, file) = crate::config::split_file(s);
+                Slot {
+                    dir: dir.to_path_buf(),
+                    file: file.to_os_string(),
+                    links: Vec::new(),
+                    fd: None,
+                }
+            })
+            .collect();
+        Ok(Watcher {
+            inotify: Inotify::init()?,
+            wds: HashMap::new(),
+            slots,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// The source directory of watch `n`, when it exists and is watched.
+    pub fn dir_fd(&self, n: usize) -> Option<BorrowedFd<'_>> {
+        self.slots[n].fd.as_ref().map(|fd| fd.as_fd())
+    }
+
+    fn disarm(&mut self, n: usize) {
+        self.slots[n].fd = None;
+        for link in std::mem::take(&mut self.slots[n].links) {
+            if let Some(users) = self.wds.get_mut(&link.wd) {
+                users.retain(|&u| u != n);
+                if users.is_empty() {
+                    self.wds.remove(&link.wd);
+                    // May already be gone with its directory: nothing to do then.
+                    let _ = self.inotify.watches().remove(link.wd);
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, n: usize, fd: &OwnedFd, path: &Path, child: &OsStr) -> Result<(), FsError> {
+        // Watch the very inode we opened, not whatever the path names now.
+        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let target = if proc_path.exists() {
+            proc_path.as_path()
+        } else {
+            path
+        };
+        let wd = self
+            .inotify
+            .watches()
+            .add(target, mask())
+            .map_err(|e| watch_error(path, e))?;
+        let users = self.wds.entry(wd.clone()).or_default();
+        if !users.contains(&n) {
+            users.push(n);
+        }
+        self.slots[n].links.push(Link {
+            wd,
+            child: child.to_os_string(),
+        });
+        Ok(())
+    }
+
+    /// (Re-)arms watch `n`: every existing directory from `/` to the source's
+    /// is watched for its next component, so deleting, moving or creating
+    /// any of them is noticed (an open descriptor would otherwise delay
+    /// IN_DELETE_SELF). Returns an error when a component is refused (e.g. a
+    /// symlink); its directory stays watched so that a fix is noticed.
+    pub fn arm(&mut self, n: usize) -> Result<(), FsError> {
+        self.disarm(n);
+        let dir = self.slots[n].dir.clone();
+        let file = self.slots[n].file.clone();
+        let parts: Vec<OsString> = fsutil::path_components(&dir)?
+            .iter()
+            .map(|c| c.to_os_string())
+            .collect();
+        let mut cur = PathBuf::from("/");
+        let mut fd = nix::fcntl::open(&cur, fsutil::DIR_FLAGS, nix::sys::stat::Mode::empty())
+            .map_err(|e| FsError::io(&cur, "open", e))?;
+        for part in &parts {
+            self.add(n, &fd, &cur, part)?;
+            match fsutil::open_subdir(fd.as_fd(), &cur, part) {
+                Ok(next) => {
+                    fd = next;
+                    cur.push(part);
+                }
+                Err(FsError::Missing(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        self.add(n, &fd, &cur, &file)?;
+        self.slots[n].fd = Some(fd);
+        Ok(())
+    }
+
+    /// Where watch `n` is currently watching (for logs).
+    pub fn describe(&self, n: usize) -> String {
+        let slot = &self.slots[n];
+        match (&slot.fd, slot.links.last()) {
+            (Some(_), _) => format!("watching {}", slot.dir.display()),
+            (None, Some(link)) => format!(
+                "{} is missing; waiting for {:?} to appear",
+                slot.dir.display(),
+                link.child
+            ),
+            (None, None) => "not watched".into(),
+        }
+    }
+
+    /// Reads pending events (non-blocking) and maps them to changes.
+    pub fn read(&mut self) -> std::io::Result<Vec<Change>> {
+        let mut changes = Vec::new();
+        loop {
+            let events = match self.inotify.read_events(&mut self.buf) {
+                Ok(events) => events,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            let mut any = false;
+            for ev in events {
+                any = true;
+                if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                    changes.push(Change::Overflow);
+                    continue;
+                }
+                let Some(users) = self.wds.get(&ev.wd) else {
+                    continue;
+                };
+                if ev.mask.contains(EventMask::IGNORED) {
+                    // The kernel dropped this watch (directory deleted).
+                    let users = self.wds.remove(&ev.wd).unwrap_or_default();
+                    changes.extend(users.into_iter().map(Change::Rearm));
+                    continue;
+                }
+                for &n in users {
+                    changes.extend(classify(&self.slots[n], n, &ev.wd, ev.mask, ev.name));
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        Ok(changes)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn source_path(&self, n: usize) -> (&Path, &OsStr) {
+        (&self.slots[n].dir, &self.slots[n].file)
+    }
+}
+
+fn classify(
+    slot: &Slot,
+    n: usize,
+    wd: &WatchDescriptor,
+    mask: EventMask,
+    name: Option<&OsStr>,
+) -> Option<Change> {
+    if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+        return Some(Change::Rearm(n));
+    }
+    let name = name?;
+    let last = slot.links.len().checked_sub(1)?;
+    // The same directory can be a link twice only for different children.
+    let (i, _) = slot
+        .links
+        .iter()
+        .enumerate()
+        .find(|(_, l)| &l.wd == wd && l.child == name)?;
+    if i == last && slot.fd.is_some() {
+        let complete = !mask.contains(EventMask::CREATE) || mask.intersects(EventMask::ISDIR);
+        Some(Change::Source { watch: n, complete })
+    } else if mask.intersects(
+        EventMask::CREATE | EventMask::DELETE | EventMask::MOVED_FROM | EventMask::MOVED_TO,
+    ) {
+        Some(Change::Rearm(n))
+    } else {
+        None
+    }
+}
+
+fn watch_error(path: &Path, e: std::io::Error) -> FsError {
+    let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    if errno == nix::errno::Errno::ENOSPC {
+        FsError::refused(path, "cannot add an inotify watch: the limit fs.inotify.max_user_watches is reached (raise it with sysctl)")
+    } else {
+        FsError::io(path, "inotify_add_watch", errno)
+    }
+}
