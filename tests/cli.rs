@@ -1,0 +1,302 @@
+//! Test 8 and the one-shot commands: configuration errors exit 78 naming
+//! file, line and key (golden fixtures); SIGHUP with a bad configuration
+//! keeps the old one; `check`, `sync`, `status`; MCP-only rewrites.
+mod common;
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+fn fixture(name: &str) -> String {
+    fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/config")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// Each bad fixture's first line says what the error must name.
+#[test]
+fn bad_configs_exit_78_naming_file_line_and_key() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/bad");
+    let mut seen = 0;
+    for entry in fs::read_dir(&dir).unwrap().flatten() {
+        let path = entry.path();
+        let text = fs::read_to_string(&path).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .unwrap()
+            .strip_prefix("# expect: ")
+            .unwrap();
+        let line: usize = expect
+            .split(',')
+            .next()
+            .unwrap()
+            .trim_start_matches("line ")
+            .parse()
+            .unwrap();
+        let key = expect
+            .split("key ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap();
+        let quoted = expect.split("message ").nth(1).unwrap();
+        let message = quoted
+            .strip_prefix('"')
+            .and_then(|m| m.strip_suffix('"'))
+            .unwrap()
+            .replace("\\\"", "\"");
+        for command in [&["check"][..], &["run"], &["sync"], &["status"]] {
+            let env = Env::new();
+            let mut args = command.to_vec();
+            args.extend(["--config", path.to_str().unwrap()]);
+            let (code, _, stderr) = env.cmd(&args);
+            assert_eq!(code, 78, "{args:?}: {stderr}");
+            let want = format!("{}:{line}: key `{key}`", path.display());
+            assert!(
+                stderr.contains(&want),
+                "{}: expected {want:?} in:\n{stderr}",
+                path.display()
+            );
+            assert!(
+                stderr.contains(&message),
+                "{}: expected {message:?} in:\n{stderr}",
+                path.display()
+            );
+        }
+        seen += 1;
+    }
+    assert!(seen >= 6);
+}
+
+#[test]
+fn config_from_env_and_dropins() {
+    let env = Env::new();
+    let main = env.config(&fixture("good.toml"));
+    fs::create_dir(env.path("etc/conf.d")).unwrap();
+    fs::write(
+        env.path("etc/conf.d/50-bad.toml"),
+        "[agent]\nsettle = \"soon\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .env("CRED_WATCH_CONFIG", &main)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("conf.d/50-bad.toml:2: key `agent.settle`")
+    );
+    fs::write(
+        env.path("etc/conf.d/50-bad.toml"),
+        "[[watch]]\nname = \"claude\"\n[watch.restart]\nmin_interval = \"1m\"\n",
+    )
+    .unwrap();
+    let (code, stdout, _) = env.cmd(&["check", "--config", main.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("min_interval = \"1m\""), "{stdout}");
+    assert!(stdout.contains("units = [\"bridge.service\"]"), "{stdout}");
+    assert!(stdout.contains("drop_keys = [\"mcpOAuth\"]"), "{stdout}");
+}
+
+#[test]
+fn sighup_with_bad_config_keeps_the_old_one() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&fixture("good.toml"));
+    let agent = Agent::start(&env, &config);
+    fs::write(
+        &config,
+        fixture("good.toml").replace("\"0640\"", "\"0999\""),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    assert!(
+        agent.wait_log("reload rejected", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains("cred-watch.toml:14: key `watch.copy.mode`"),
+        "{}",
+        agent.stderr()
+    );
+    let c = creds(2);
+    write_atomic(&src, &c);
+    let want = without(&c, &["mcpOAuth"]);
+    assert!(wait_until(Duration::from_secs(5), || read_json(
+        &env.path("shared/.credentials.json")
+    ) == Some(
+        want.clone()
+    )));
+    assert_eq!(
+        mode(&env.path("shared/.credentials.json")),
+        0o640,
+        "old config still in force"
+    );
+    // A good new configuration is applied.
+    env.config(&fixture("good.toml").replace("\"0640\"", "\"0600\""));
+    agent.signal(libc::SIGHUP);
+    assert!(agent.wait_log("reloaded configuration", Duration::from_secs(5)));
+    assert!(wait_until(Duration::from_secs(5), || mode(
+        &env.path("shared/.credentials.json")
+    ) == 0o600));
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn mcp_only_rewrite_copies_but_does_not_restart() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let base = creds(1);
+    write_atomic(&src, &base);
+    let config = fixture("good.toml").replace("drop_keys = [\"mcpOAuth\"]", "");
+    let agent = Agent::start(&env, &env.config(&config));
+    let rewritten = base.replace("\"mcp-1\"", "\"mcp-2\"");
+    write_atomic(&src, &rewritten);
+    let want: serde_json::Value = serde_json::from_str(&rewritten).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || read_json(
+        &env.path("shared/.credentials.json")
+    ) == Some(
+        want.clone()
+    )));
+    assert!(wait_until(Duration::from_secs(5), || mode(&src) == 0o644));
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        env.restarts().is_empty(),
+        "MCP-only change restarted: {:?}",
+        env.restarts()
+    );
+    // A real credential change does.
+    write_atomic(&src, &creds(2));
+    assert!(
+        wait_until(Duration::from_secs(5), || env.restarts()
+            == ["bridge.service"]),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+}
+
+#[test]
+fn sync_dry_run_then_apply_then_status() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&fixture("good.toml"));
+    let cfg = config.to_str().unwrap();
+    let (code, out, _) = env.cmd(&["sync", "--dry-run", "--config", cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("would apply") && out.contains("mode 0600 -> 0644"),
+        "{out}"
+    );
+    assert_eq!(mode(&src), 0o600, "dry run changes nothing");
+    assert!(!env.path("shared/.credentials.json").exists());
+    let (code, out, _) = env.cmd(&["sync", "--config", cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(mode(&src), 0o644);
+    assert!(env.path("shared/.credentials.json").exists());
+    assert!(
+        env.restarts().is_empty(),
+        "first sight is adopted without a restart"
+    );
+    let (code, out, _) = env.cmd(&["sync", "--watch", "claude", "--config", cfg]);
+    assert_eq!(code, 0);
+    assert!(out.contains("in sync"), "{out}");
+    write_atomic(&src, &creds(2));
+    let (code, out, _) = env.cmd(&["sync", "--config", cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("restarted bridge.service"), "{out}");
+    assert_eq!(env.restarts(), ["bridge.service"]);
+    write_atomic(&src, "{\"claudeAiOauth\":");
+    let (code, out, _) = env.cmd(&["sync", "--config", cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refused: invalid JSON"), "{out}");
+    let (code, out, _) = env.cmd(&["sync", "--watch", "nope", "--config", cfg]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, _) = env.cmd(&["status", "--config", cfg]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("unit bridge.service: no restart pending") && out.contains("1 restarts"),
+        "{out}"
+    );
+    let (code, out, _) = env.cmd(&["status", "--json", "--config", cfg]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["units"]["bridge.service"]["restarts"], 1);
+    assert_eq!(
+        v["watches"]["claude"]["fingerprint"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
+    env.assert_state_clean();
+}
+
+#[test]
+fn journald_logging_has_priority_prefixes_and_no_timestamps() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&fixture("good.toml"));
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("JOURNAL_STREAM", "8:1234")
+        .env(env_record(), env.restart_log())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    write_atomic(&src, "{\"claudeAiOauth\": {}}");
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success());
+    assert!(stderr.lines().count() >= 3, "{stderr}");
+    for line in stderr.lines() {
+        assert!(
+            line.len() > 3 && line.starts_with('<') && line.as_bytes()[2] == b'>',
+            "no priority prefix: {line}"
+        );
+        assert!(
+            !line[3..].starts_with("20") && !line.contains(" INFO "),
+            "timestamp or level text under journald: {line}"
+        );
+    }
+    assert!(
+        stderr.contains("<4>claude: ") && stderr.contains("<6>ready:"),
+        "{stderr}"
+    );
+    assert_no_secret(&stderr, "journald stderr");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/cred-watch.toml"])
+        .env("JOURNAL_STREAM", "8:1234")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("<3>configuration error: /nonexistent/cred-watch.toml: cannot read"),
+        "{stderr}"
+    );
+}
+
+fn env_record() -> &'static str {
+    "CRED_WATCH_TEST_RESTART_LOG"
+}

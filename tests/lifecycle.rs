@@ -1,0 +1,92 @@
+//! Tests 4 and 7: the source's directory deleted and re-created, a source
+//! absent at start, and the deletion grace before a logout warning.
+mod common;
+use common::*;
+use std::fs;
+use std::time::Duration;
+
+const COPY: &str = "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n";
+
+fn copied(env: &Env, content: &str) -> bool {
+    read_json(&env.path("shared/.credentials.json")) == Some(serde_json::from_str(content).unwrap())
+}
+
+#[test]
+fn claude_dir_removed_and_recreated() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
+    assert!(copied(&env, &creds_at(&src)));
+    for round in 2..5 {
+        fs::remove_dir_all(env.path("home/.claude")).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        fs::create_dir_all(src.parent().unwrap()).unwrap();
+        let c = creds(round);
+        write_atomic(&src, &c);
+        assert!(
+            wait_until(Duration::from_secs(5), || copied(&env, &c)),
+            "round {round}:\n{}",
+            agent.stderr()
+        );
+    }
+    // The whole tree, ancestors included.
+    fs::remove_dir_all(env.path("home")).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let c = creds(9);
+    write_in_place(&src, &c);
+    assert!(
+        wait_until(Duration::from_secs(5), || copied(&env, &c)),
+        "{}",
+        agent.stderr()
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+fn creds_at(p: &std::path::Path) -> String {
+    fs::read_to_string(p).unwrap()
+}
+
+#[test]
+fn source_absent_at_start_then_created() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
+    assert!(agent.stderr().contains("is absent"), "{}", agent.stderr());
+    fs::create_dir_all(env.path("home")).unwrap();
+    fs::create_dir(env.path("home/.claude")).unwrap();
+    let c = creds(1);
+    write_atomic(&src, &c);
+    assert!(
+        wait_until(Duration::from_secs(5), || copied(&env, &c)),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+}
+
+#[test]
+fn deletion_grace_warns_exactly_once() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
+    // /login: delete, round trip, new file, all within the 1s grace.
+    fs::remove_file(&src).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let c = creds(2);
+    write_atomic(&src, &c);
+    assert!(wait_until(Duration::from_secs(5), || copied(&env, &c)));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(agent.count("looks like a logout"), 0, "{}", agent.stderr());
+    // A logout: gone for good. One warning, and the copy stays.
+    fs::remove_file(&src).unwrap();
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(agent.count("looks like a logout"), 1, "{}", agent.stderr());
+    assert!(copied(&env, &c), "nothing downstream is removed");
+    agent.stop();
+}
