@@ -90,3 +90,83 @@ fn deletion_grace_warns_exactly_once() {
     assert!(copied(&env, &c), "nothing downstream is removed");
     agent.stop();
 }
+
+#[test]
+fn expiry_warns_once_then_errors_once() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds_exp(1, now_ms() + 2_500));
+    let config = standard_config(&format!("expiry_warning = \"2s\"\n{COPY}"));
+    let agent = Agent::start(&env, &env.config(&config));
+    assert!(
+        agent.wait_log("is anything refreshing it?", Duration::from_secs(3)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent.wait_log("nothing is refreshing it", Duration::from_secs(4)),
+        "{}",
+        agent.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.count("is anything refreshing it?"), 1);
+    assert_eq!(agent.count("nothing is refreshing it"), 1);
+    agent.stop();
+}
+
+#[test]
+fn tampered_copy_is_restored_on_sigusr1_and_resync() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    let dest = env.path("shared/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let c = creds(1);
+    write_atomic(&src, &c);
+    let config = standard_config(COPY).replace(
+        "settle = \"100ms\"",
+        "settle = \"100ms\"\nresync_interval = \"1s\"",
+    );
+    let agent = Agent::start(&env, &env.config(&config));
+    assert!(copied(&env, &c));
+    // A consumer refreshes into the shared copy: detected and undone.
+    fs::write(&dest, creds(99)).unwrap();
+    agent.signal(libc::SIGUSR1);
+    assert!(
+        wait_until(Duration::from_secs(3), || copied(&env, &c)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent.stderr().contains("was modified by another writer"),
+        "{}",
+        agent.stderr()
+    );
+    fs::write(&dest, "garbage").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || copied(&env, &c)),
+        "resync_interval restores it"
+    );
+    agent.stop();
+}
+
+#[test]
+fn source_owner_mismatch_is_refused() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let me = unsafe { libc::geteuid() };
+    let other = if me == 0 { 65534 } else { 0 };
+    let config = standard_config(&format!("source_owner = \"{other}\"\n{COPY}"));
+    let agent = Agent::start(&env, &env.config(&config));
+    assert!(
+        agent
+            .stderr()
+            .contains(&format!("is owned by uid {me}, expected uid {other}")),
+        "{}",
+        agent.stderr()
+    );
+    assert!(!env.path("shared/.credentials.json").exists());
+    agent.stop();
+}
