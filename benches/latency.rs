@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 const NAME: &str = ".credentials.json";
 
+/// Starts a contender watching a directory.
+type Starter<'a> = Box<dyn Fn(&Path) -> Child + 'a>;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("floor") {
@@ -27,8 +30,7 @@ fn main() {
     let me = std::env::current_exe().unwrap();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_cred-watch"));
     let mut rows = Vec::new();
-    let mut cw_pid = None;
-    let contenders: [(&str, Box<dyn Fn(&Path) -> Child>); 3] = [
+    let contenders: [(&str, Starter); 3] = [
         (
             "floor (inotify + fchmod loop)",
             Box::new(|d: &Path| Command::new(&me).arg("floor").arg(d).spawn().unwrap()),
@@ -69,7 +71,6 @@ fn main() {
         let mut child = start(&dir);
         let mut lat = measure(&dir, iters);
         if *name == "cred-watch" {
-            cw_pid = Some(child.id());
             rows.push((
                 name.to_string(),
                 stats(&mut lat),
@@ -82,7 +83,6 @@ fn main() {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let _ = child.wait();
     }
-    let _ = cw_pid;
     let floor_p50 = rows[0].1 .0;
     println!("\n| contender | p50 µs | p99 µs | p50 / floor | iterations |");
     println!("|---|---:|---:|---:|---:|");
@@ -158,7 +158,7 @@ fn wait_fixed(ino: &mut Inotify, target: &Path, buf: &mut [u8], timeout: Duratio
             ino.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
-        let ms = nix::poll::PollTimeout::try_from(left.as_millis().min(1000) as u16 + 1).unwrap();
+        let ms = nix::poll::PollTimeout::from(left.as_millis().min(1000) as u16 + 1);
         let _ = nix::poll::poll(&mut fds, ms);
         drain(ino, buf);
     }

@@ -254,7 +254,7 @@ fn journald_logging_has_priority_prefixes_and_no_timestamps() {
     fs::create_dir_all(src.parent().unwrap()).unwrap();
     write_atomic(&src, &creds(1));
     let config = env.config(&fixture("good.toml"));
-    let mut child = std::process::Command::new(BIN)
+    let child = std::process::Command::new(BIN)
         .args(["run", "--config", config.to_str().unwrap()])
         .env("JOURNAL_STREAM", "8:1234")
         .env(env_record(), env.restart_log())
