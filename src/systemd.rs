@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
+use zbus::OwnedObjectPath;
 
 /// Environment variable that swaps systemd for a recorder appending one JSON
 /// line per restart to the named file (for tests and demos without systemd).
@@ -39,17 +40,108 @@ pub fn from_env() -> Box<dyn ServiceManager> {
                 .map(String::from)
                 .collect(),
         }),
-        None => Box::new(NoDbus),
+        None => Box::new(Systemd),
     }
 }
 
-/// Placeholder until the D-Bus client lands: every restart fails loudly,
-/// so a missing restart is never silent.
-struct NoDbus;
+/// The subset of org.freedesktop.systemd1.Manager that cred-watch uses.
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn try_restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reload_or_restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn subscribe(&self) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
+}
 
-impl ServiceManager for NoDbus {
-    fn restart(&mut self, unit: &str, _: RestartAction, _: Duration) -> anyhow::Result<()> {
-        anyhow::bail!("cannot restart {unit}: this build has no D-Bus client")
+/// systemd over the system D-Bus. Connects per restart, so a restarted
+/// dbus-daemon or `systemctl daemon-reexec` in between is harmless.
+pub struct Systemd;
+
+impl ServiceManager for Systemd {
+    fn restart(
+        &mut self,
+        unit: &str,
+        action: RestartAction,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        zbus::block_on(restart_and_wait(unit, action, timeout))
+    }
+}
+
+async fn restart_and_wait(
+    unit: &str,
+    action: RestartAction,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use zbus::export::futures_core::Stream;
+    let conn = zbus::connection::Builder::system()
+        .method_timeout(timeout)
+        .build()
+        .await
+        .context("connecting to the system D-Bus")?;
+    let manager = ManagerProxy::new(&conn)
+        .await
+        .context("creating the systemd manager proxy")?;
+    // Subscribe to JobRemoved before the call: a fast job may finish before
+    // the call even returns its path.
+    let mut removed = manager
+        .receive_job_removed()
+        .await
+        .context("subscribing to JobRemoved")?;
+    if let Err(e) = manager.subscribe().await {
+        log::debug!("systemd Subscribe failed (signals may still arrive): {e}");
+    }
+    let call = match action {
+        RestartAction::Restart => manager.restart_unit(unit, "replace").await,
+        RestartAction::TryRestart => manager.try_restart_unit(unit, "replace").await,
+        RestartAction::ReloadOrRestart => manager.reload_or_restart_unit(unit, "replace").await,
+    };
+    let job =
+        call.map_err(|e| anyhow::anyhow!("{} {unit}: {}", action.method(), dbus_error(&e)))?;
+    log::debug!("{unit}: job {} queued", job.as_str());
+    let wait = std::future::poll_fn(|cx| loop {
+        match std::pin::Pin::new(&mut removed).poll_next(cx) {
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+            std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
+            std::task::Poll::Ready(Some(signal)) => {
+                if let Ok(args) = signal.args() {
+                    if args.job == job {
+                        return std::task::Poll::Ready(Some(args.result.clone()));
+                    }
+                }
+            }
+        }
+    });
+    let runtime = zruntime::SharedRuntime::current().context("D-Bus runtime")?;
+    match runtime.timeout(timeout, wait).await {
+        Err(_) => anyhow::bail!(
+            "job for {unit} did not finish within {}",
+            crate::config::format_duration(timeout)
+        ),
+        Ok(None) => anyhow::bail!("lost the system D-Bus while waiting for the job of {unit}"),
+        Ok(Some(result)) if result == "done" => Ok(()),
+        Ok(Some(result)) => anyhow::bail!("job for {unit} finished with result {result:?}"),
+    }
+}
+
+/// "org.freedesktop.systemd1.NoSuchUnit: Unit x.service not found." style.
+fn dbus_error(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, Some(msg), _) => format!("{}: {msg}", name.as_str()),
+        other => other.to_string(),
     }
 }
 
