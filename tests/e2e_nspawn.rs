@@ -350,6 +350,20 @@ fn e2e_on_real_systemd() {
     );
     assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
 
+    // With WatchdogSec= the agent pings at half the interval; systemd would
+    // kill and restart it otherwise.
+    c.ok("mkdir -p /etc/systemd/system/cred-watch.service.d && printf '[Service]\\nWatchdogSec=2s\\n' > /etc/systemd/system/cred-watch.service.d/watchdog.conf");
+    c.ok("systemctl daemon-reload && systemctl restart cred-watch");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
+    assert_eq!(c.show("cred-watch", "NRestarts"), "0", "{}", c.journal());
+    assert_ne!(
+        c.show("cred-watch", "WatchdogTimestampMonotonic"),
+        "0",
+        "watchdog pings received"
+    );
+    c.ok("rm -r /etc/systemd/system/cred-watch.service.d && systemctl daemon-reload");
+
     // 7. A broken configuration: start fails with 78, no restart loop.
     c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0999"));
     assert_ne!(c.sh("systemctl restart cred-watch").0, 0);

@@ -116,3 +116,47 @@ fn sigterm_during_storm_exits_0_with_a_complete_destination() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     env.assert_state_clean();
 }
+
+/// The kernel reads max_queued_events when an inotify instance is created:
+/// lowered only while the agent starts, it gives that agent a tiny queue.
+#[test]
+fn queue_overflow_triggers_a_full_rescan() {
+    const KNOB: &str = "/proc/sys/fs/inotify/max_queued_events";
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("queue_overflow_triggers_a_full_rescan: skipped (needs root to lower {KNOB})");
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    let dest = env.path("shared/.credentials.json");
+    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(0));
+    let old = std::fs::read_to_string(KNOB).unwrap();
+    std::fs::write(KNOB, "4").unwrap();
+    let agent =
+        std::panic::catch_unwind(|| Agent::start(&env, &env.config(&standard_config(COPY))));
+    std::fs::write(KNOB, old.trim()).unwrap();
+    let agent = agent.unwrap();
+    // Stop the agent reading for a moment so the queue overflows.
+    agent.signal(libc::SIGSTOP);
+    let mut last = String::new();
+    for i in 1..=50 {
+        last = creds(i);
+        write_atomic(&src, &last);
+    }
+    agent.signal(libc::SIGCONT);
+    let expected = without(&last, &["mcpOAuth"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || read_json(&dest).as_ref()
+            == Some(&expected)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent.stderr().contains("inotify queue overflowed"),
+        "{}",
+        agent.stderr()
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
