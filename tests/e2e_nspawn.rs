@@ -305,6 +305,18 @@ fn e2e_on_real_systemd() {
         "last good copy kept"
     );
 
+    // Idle after real D-Bus restarts: no thread of the agent wakes up.
+    let pid = c.show("cred-watch", "MainPID");
+    let switches = || -> u64 {
+        c.ok(&format!("cat /proc/{pid}/task/*/status | awk '/ctxt_switches/ {{ s += $2 }} END {{ print s }}'")).parse().unwrap()
+    };
+    let before = switches();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_switches = switches() - before;
+    let threads = c.ok(&format!("ls /proc/{pid}/task | wc -l"));
+    eprintln!("idle after restarts: {idle_switches} context switches in 3s across {threads} threads");
+    assert_eq!(idle_switches, 0, "the agent woke up while idle ({threads} threads)");
+
     // 5. 100 renames in ~2s: bounded restarts, final copy == final source.
     let starts0 = c.bridge_starts();
     let t = Instant::now();
