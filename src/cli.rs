@@ -35,6 +35,15 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         watch: Option<String>,
     },
+    /// Diagnose the host: config, sources, modes, copies, readers, units, stale handles.
+    Doctor {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Also check that this user can read the credentials (repeatable).
+        #[arg(long = "user", value_name = "NAME")]
+        users: Vec<String>,
+    },
     /// What the agent last did, from the state file.
     Status {
         /// Machine-readable output.
@@ -56,7 +65,12 @@ pub fn run() -> i32 {
     let path = config::main_path(cli.config.as_deref());
     let settings = match config::load(&path) {
         Ok(s) => s,
-        Err(e) => return config_error(&e),
+        Err(e) => {
+            if let Command::Doctor { json, .. } = cli.command {
+                crate::doctor::print(&[crate::doctor::config_failure(&e)], json);
+            }
+            return config_error(&e);
+        }
     };
     crate::logging::set_level(settings.agent.log_level.filter());
     let result = match cli.command {
@@ -76,6 +90,14 @@ pub fn run() -> i32 {
         Command::Run => crate::agent::run(path, settings, crate::systemd::from_env()).map(|()| 0),
         Command::Sync { dry_run, watch } => {
             crate::commands::sync(&settings, dry_run, watch.as_deref())
+        }
+        Command::Doctor { json, users } => {
+            let findings = crate::doctor::diagnose(
+                &settings,
+                &users,
+                crate::systemd::query_from_env().as_mut(),
+            );
+            Ok(crate::doctor::print(&findings, json))
         }
         Command::Status { json } => crate::commands::status(&settings, json),
     };

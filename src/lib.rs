@@ -12,6 +12,8 @@ pub mod cli;
 pub mod commands;
 /// Configuration: raw TOML and drop-ins, validated into settings.
 pub mod config;
+/// Host diagnosis: one line per check with the reason and the fix.
+pub mod doctor;
 /// Path walking through directory fds and atomic replacement.
 pub mod fsutil;
 /// Logging to stderr with syslog priority prefixes under journald.

@@ -233,3 +233,205 @@ impl Worker {
         self.outcomes.try_iter().collect()
     }
 }
+
+/// What `doctor` needs to know about a unit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub struct UnitInfo {
+    /// "loaded", "not-found", "masked", …
+    pub load_state: String,
+    /// "active", "inactive", "failed", …
+    pub active_state: String,
+    /// The service's `User=` (empty for root).
+    pub user: String,
+    /// Processes in the unit's cgroup.
+    pub pids: Vec<u32>,
+}
+
+/// Read-only questions to the service manager (for `doctor`).
+pub trait UnitQuery {
+    fn unit(&mut self, name: &str) -> anyhow::Result<UnitInfo>;
+    /// Enabled `.path` units and the paths each watches.
+    fn enabled_path_units(&mut self) -> anyhow::Result<Vec<(String, Vec<String>)>>;
+}
+
+/// Environment variable naming a JSON file that answers [`UnitQuery`] in
+/// tests: `{"units": {"x.service": {...UnitInfo}}, "path_units": {"old.path": ["/p"]}}`.
+pub const UNITS_FIXTURE_ENV: &str = "CRED_WATCH_TEST_UNITS";
+
+pub fn query_from_env() -> Box<dyn UnitQuery> {
+    match std::env::var_os(UNITS_FIXTURE_ENV) {
+        Some(path) => Box::new(FixtureUnits {
+            path: PathBuf::from(path),
+        }),
+        None => Box::new(SystemdQuery { conn: None }),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Fixture {
+    units: std::collections::BTreeMap<String, UnitInfo>,
+    path_units: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// Test double for [`UnitQuery`], read from a JSON file.
+pub struct FixtureUnits {
+    path: PathBuf,
+}
+
+impl FixtureUnits {
+    fn load(&self) -> anyhow::Result<Fixture> {
+        Ok(serde_json::from_slice(&std::fs::read(&self.path)?)?)
+    }
+}
+
+impl UnitQuery for FixtureUnits {
+    fn unit(&mut self, name: &str) -> anyhow::Result<UnitInfo> {
+        Ok(self.load()?.units.remove(name).unwrap_or_else(|| UnitInfo {
+            load_state: "not-found".into(),
+            active_state: "inactive".into(),
+            ..Default::default()
+        }))
+    }
+    fn enabled_path_units(&mut self) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+        Ok(self.load()?.path_units.into_iter().collect())
+    }
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait ManagerQuery {
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn get_unit_processes(&self, name: &str) -> zbus::Result<Vec<(String, u32, String)>>;
+    fn list_unit_files(&self) -> zbus::Result<Vec<(String, String)>>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Unit {
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait ServiceUnit {
+    #[zbus(property)]
+    fn user(&self) -> zbus::Result<String>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Path",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait PathUnit {
+    #[zbus(property)]
+    fn paths(&self) -> zbus::Result<Vec<(String, String)>>;
+}
+
+/// [`UnitQuery`] over the system bus.
+pub struct SystemdQuery {
+    conn: Option<zbus::Connection>,
+}
+
+impl SystemdQuery {
+    async fn conn(&mut self) -> anyhow::Result<zbus::Connection> {
+        use anyhow::Context;
+        if self.conn.is_none() {
+            self.conn = Some(
+                zbus::Connection::system()
+                    .await
+                    .context("connecting to the system D-Bus")?,
+            );
+        }
+        Ok(self.conn.clone().expect("set above"))
+    }
+}
+
+async fn property_proxy<'a, P>(
+    conn: &zbus::Connection,
+    path: &'a OwnedObjectPath,
+) -> zbus::Result<P>
+where
+    P: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
+{
+    zbus::proxy::Builder::<P>::new(conn)
+        .path(path.as_str())
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+impl UnitQuery for SystemdQuery {
+    fn unit(&mut self, name: &str) -> anyhow::Result<UnitInfo> {
+        zbus::block_on(async {
+            let conn = self.conn().await?;
+            let manager = ManagerQueryProxy::new(&conn).await?;
+            let path = manager
+                .load_unit(name)
+                .await
+                .map_err(|e| anyhow::anyhow!("LoadUnit {name}: {}", dbus_error(&e)))?;
+            let unit: UnitProxy = property_proxy(&conn, &path).await?;
+            let load_state = unit.load_state().await?;
+            let active_state = unit.active_state().await?;
+            let user = if name.ends_with(".service") && load_state == "loaded" {
+                let svc: ServiceUnitProxy = property_proxy(&conn, &path).await?;
+                svc.user().await.unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let pids = if active_state == "inactive" {
+                Vec::new()
+            } else {
+                manager
+                    .get_unit_processes(name)
+                    .await
+                    .map(|v| v.into_iter().map(|(_, pid, _)| pid).collect())
+                    .unwrap_or_default()
+            };
+            Ok(UnitInfo {
+                load_state,
+                active_state,
+                user,
+                pids,
+            })
+        })
+    }
+
+    fn enabled_path_units(&mut self) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+        zbus::block_on(async {
+            let conn = self.conn().await?;
+            let manager = ManagerQueryProxy::new(&conn).await?;
+            let mut out = Vec::new();
+            for (file, state) in manager.list_unit_files().await? {
+                if !file.ends_with(".path")
+                    || !matches!(state.as_str(), "enabled" | "enabled-runtime")
+                {
+                    continue;
+                }
+                let name = file.rsplit('/').next().unwrap_or(&file).to_string();
+                let path = manager.load_unit(&name).await?;
+                let unit: PathUnitProxy = property_proxy(&conn, &path).await?;
+                let paths = unit
+                    .paths()
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(_, p)| p)
+                    .collect();
+                out.push((name, paths));
+            }
+            Ok(out)
+        })
+    }
+}

@@ -176,12 +176,13 @@ min_interval = "0s"
     )
 }
 
-const BRIDGE: &str = "[Unit]\nDescription=dummy bridge\n[Service]\nExecStart=/bin/sh -c 'echo $$ >> /run/bridge.starts; exec sleep infinity'\n";
+/// A dummy bridge whose worker keeps the credentials open, as real ones do.
+const BRIDGE: &str = "[Unit]\nDescription=dummy bridge\n[Service]\nExecStart=/bin/sh -c 'echo $$ >> /run/bridge.starts; if [ -e /root/.claude/.credentials.json ]; then exec sleep infinity 3< /root/.claude/.credentials.json; fi; exec sleep infinity'\n";
 
 /// The bursts: `n` atomic renames, `gap` apart, with increasing expiresAt.
-fn burst_script(n: u32, gap: &str, tag: &str) -> String {
+fn burst_script(n: u32, gap: &str, tag: &str, hours: u32) -> String {
     format!(
-        r#"base=$(( ($(date +%s) + 7200) * 1000 )); i=0
+        r#"base=$(( ($(date +%s) + {hours} * 3600) * 1000 )); i=0
 while [ $i -lt {n} ]; do
   printf '{{"claudeAiOauth":{{"accessToken":"sk-ant-oat01-{tag}%d","refreshToken":"sk-ant-ort01-{tag}%d","expiresAt":%d,"scopes":["user:inference"],"subscriptionType":"max"}},"mcpOAuth":{{"n":%d}}}}' $i $i $((base + i)) $i > {SRC}.tmp.$i
   chmod 600 {SRC}.tmp.$i; mv -f {SRC}.tmp.$i {SRC}; sleep {gap}; i=$((i + 1))
@@ -308,19 +309,28 @@ fn e2e_on_real_systemd() {
     // Idle after real D-Bus restarts: no thread of the agent wakes up.
     let pid = c.show("cred-watch", "MainPID");
     let switches = || -> u64 {
-        c.ok(&format!("cat /proc/{pid}/task/*/status | awk '/ctxt_switches/ {{ s += $2 }} END {{ print s }}'")).parse().unwrap()
+        c.ok(&format!(
+            "cat /proc/{pid}/task/*/status | awk '/ctxt_switches/ {{ s += $2 }} END {{ print s }}'"
+        ))
+        .parse()
+        .unwrap()
     };
     let before = switches();
     std::thread::sleep(Duration::from_secs(3));
     let idle_switches = switches() - before;
     let threads = c.ok(&format!("ls /proc/{pid}/task | wc -l"));
-    eprintln!("idle after restarts: {idle_switches} context switches in 3s across {threads} threads");
-    assert_eq!(idle_switches, 0, "the agent woke up while idle ({threads} threads)");
+    eprintln!(
+        "idle after restarts: {idle_switches} context switches in 3s across {threads} threads"
+    );
+    assert_eq!(
+        idle_switches, 0,
+        "the agent woke up while idle ({threads} threads)"
+    );
 
     // 5. 100 renames in ~2s: bounded restarts, final copy == final source.
     let starts0 = c.bridge_starts();
     let t = Instant::now();
-    c.ok(&burst_script(100, "0.02", "burst"));
+    c.ok(&burst_script(100, "0.02", "burst", 2));
     let storm = t.elapsed();
     std::thread::sleep(Duration::from_millis(2500));
     let restarts = c.bridge_starts() - starts0;
@@ -349,6 +359,52 @@ fn e2e_on_real_systemd() {
     let j = c.journal();
     assert!(j.contains("nope.service") && j.contains("not found"), "{j}");
     assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
+
+    // doctor against real systemd: units known/active, stale handles.
+    let (code, out, _) = c.sh("cred-watch doctor");
+    assert_eq!(code, 1, "nope.service is a problem:\n{out}");
+    assert!(
+        out.contains("ok   claude unit bridge.service: known and active"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fail other unit nope.service: not known to systemd (not-found)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok   claude stale handles bridge.service"),
+        "{out}"
+    );
+    assert!(out.contains("ok   agent: running"), "{out}");
+    c.ok("systemctl stop cred-watch");
+    let bridge_pid = c.show("bridge", "MainPID");
+    c.write_creds(
+        SRC,
+        &common::creds_exp(20, common::now_ms() + 4 * 3_600_000),
+    );
+    let (_, out, _) = c.sh("cred-watch doctor");
+    assert!(
+        out.contains(&format!("fail claude stale handles bridge.service: PID {bridge_pid} (sleep) holds the deleted {SRC}")),
+        "{out}"
+    );
+    c.ok("systemctl restart bridge");
+    let (_, out, _) = c.sh("cred-watch doctor");
+    assert!(
+        out.contains("ok   claude stale handles bridge.service"),
+        "{out}"
+    );
+    let starts = c.bridge_starts();
+    c.ok("systemctl start cred-watch");
+    // The copy made while it was down is noticed at start: one restart.
+    assert!(
+        common::wait_until(Duration::from_secs(10), || c.bridge_starts() == starts + 1),
+        "{}",
+        c.journal()
+    );
+    report.push(format!(
+        "doctor output on the container:\n```\n{}\n```",
+        c.sh("cred-watch doctor").1.trim()
+    ));
 
     // 8. `systemctl reload` applies a changed configuration.
     c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0644"));
@@ -399,7 +455,7 @@ fn e2e_on_real_systemd() {
     c.ok("systemctl daemon-reload && systemctl start oldway.path");
     let starts0 = c.bridge_starts();
     let t = Instant::now();
-    c.ok(&burst_script(100, "0.02", "side"));
+    c.ok(&burst_script(100, "0.02", "side", 5));
     let storm = t.elapsed();
     std::thread::sleep(Duration::from_millis(2500));
     let restarts = c.bridge_starts() - starts0;
@@ -414,7 +470,7 @@ fn e2e_on_real_systemd() {
         serde_json::from_str(&c.ok(&format!("cat {DEST}"))).unwrap();
     assert_eq!(final_dest, final_src);
     // Still watching after the burst: one more change is picked up.
-    let v = common::creds_exp(50, common::now_ms() + 3 * 3_600_000);
+    let v = common::creds_exp(50, common::now_ms() + 6 * 3_600_000);
     c.write_creds(SRC, &v);
     let want = common::without(&v, &["mcpOAuth"]);
     assert!(common::wait_until(Duration::from_secs(10), || {
