@@ -68,7 +68,7 @@ pub fn run(
         .context("creating signalfd")?;
     let worker = Worker::spawn(manager).context("starting the restart worker")?;
     let mut agent = Agent::new(config_path, settings, worker)?;
-    agent.start();
+    agent.start()?;
     let result = agent.event_loop(&sigfd);
     agent.notifier.send("STOPPING=1");
     agent.persist();
@@ -106,17 +106,39 @@ impl Agent {
         })
     }
 
-    fn start(&mut self) {
+    fn start(&mut self) -> anyhow::Result<()> {
         self.state.version = 1;
         self.state.agent.pid = Some(std::process::id());
         self.state.agent.started_at_ms = Some(now_ms());
+        self.remove_stale_temps();
         self.restore_restarts();
-        self.arm_all();
+        self.arm_all()?;
         self.reconcile_all("start");
         self.persist();
         let status = self.summary();
         self.notifier.send(&format!("READY=1\nSTATUS={status}"));
         info!("ready: {status}");
+        Ok(())
+    }
+
+    /// Temp files a killed predecessor left next to our outputs.
+    fn remove_stale_temps(&self) {
+        let dirs = std::iter::once(self.settings.agent.state_dir.clone()).chain(
+            self.settings.watches.iter().flat_map(|w| {
+                w.copies
+                    .iter()
+                    .map(|c| crate::config::split_file(&c.dest).0.to_path_buf())
+            }),
+        );
+        for dir in dirs {
+            let n = crate::fsutil::remove_stale_temps(&dir);
+            if n > 0 {
+                info!(
+                    "removed {n} temp file(s) left in {} by an interrupted write",
+                    dir.display()
+                );
+            }
+        }
     }
 
     /// Pending restarts and cooldowns survive an agent restart.
@@ -143,18 +165,25 @@ impl Agent {
         }
     }
 
-    fn arm_all(&mut self) {
+    fn arm_all(&mut self) -> anyhow::Result<()> {
         for n in 0..self.watcher.len() {
-            self.arm(n);
+            self.arm(n)?;
         }
+        Ok(())
     }
 
-    fn arm(&mut self, n: usize) {
+    /// Arms watch `n`. A kernel limit is fatal: better to exit (and be
+    /// restarted by systemd, loudly) than to run without watching.
+    fn arm(&mut self, n: usize) -> anyhow::Result<()> {
         let name = &self.settings.watches[n].name;
         match self.watcher.arm(n) {
             Ok(()) => debug!("{name}: {}", self.watcher.describe(n)),
+            Err(e @ crate::fsutil::FsError::Limit { .. }) => {
+                return Err(e).with_context(|| format!("watch {name:?}"))
+            }
             Err(e) => error!("{name}: {e}; {}", self.watcher.describe(n)),
         }
+        Ok(())
     }
 
     fn reconcile_all(&mut self, why: &str) {
@@ -517,7 +546,9 @@ impl Agent {
                             .join(", ")
                     );
                     self.restore_restarts();
-                    self.arm_all();
+                    if let Err(e) = self.arm_all() {
+                        error!("reload: {e:#}");
+                    }
                     self.reconcile_all("reload");
                 }
             },
@@ -598,7 +629,7 @@ impl Agent {
         let changes = self.watcher.read().context("reading inotify events")?;
         if changes.contains(&Change::Overflow) {
             warn!("inotify queue overflowed: re-scanning every watch");
-            self.arm_all();
+            self.arm_all()?;
             self.reconcile_all("overflow");
             return Ok(());
         }
@@ -617,7 +648,7 @@ impl Agent {
         }
         for n in 0..self.watcher.len() {
             if rearm[n] {
-                self.arm(n);
+                self.arm(n)?;
                 self.process(n, true);
             } else if let Some(complete) = touched[n] {
                 self.process(n, complete);

@@ -21,6 +21,9 @@ pub enum FsError {
     Missing(PathBuf),
     #[error("{path}: refused: {why}")]
     Refused { path: PathBuf, why: String },
+    /// A kernel limit that only an administrator can raise.
+    #[error("{path}: {what}")]
+    Limit { path: PathBuf, what: String },
     #[error("{path}: {op} failed: {err}")]
     Io {
         path: PathBuf,
@@ -265,6 +268,37 @@ pub struct FileMeta {
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+const TEMP_MARK: &str = ".cred-watch-";
+
+/// Removes temp files that [`replace_file`] left in `dir` when a previous
+/// run was killed mid-write (`.NAME.cred-watch-PID-N.tmp`). Returns how many.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(fd) = open_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let text = name.to_string_lossy();
+        let ours = text.starts_with('.') && text.ends_with(".tmp") && text.contains(TEMP_MARK);
+        let pid = text
+            .rsplit(TEMP_MARK)
+            .next()
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        // Never another live writer's temp file (e.g. a concurrent `sync`).
+        let alive = pid
+            .is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+        if ours
+            && !alive
+            && unlinkat(fd.as_fd(), name.as_os_str(), UnlinkatFlags::NoRemoveDir).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
 
 /// Atomically replaces `name` in `dir` with `bytes`: a temp file in the same
 /// directory (created 0600), write, fsync, chown/chmod, rename, fsync of the
@@ -287,7 +321,7 @@ pub fn replace_file(
         }
     }
     let tmp_name = format!(
-        ".{}.cred-watch-{}-{}.tmp",
+        ".{}{TEMP_MARK}{}-{}.tmp",
         name.to_string_lossy(),
         std::process::id(),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)

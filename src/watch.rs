@@ -260,7 +260,10 @@ fn classify(
 fn watch_error(path: &Path, e: std::io::Error) -> FsError {
     let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
     if errno == nix::errno::Errno::ENOSPC {
-        FsError::refused(path, "cannot add an inotify watch: the limit fs.inotify.max_user_watches is reached (raise it with sysctl)")
+        FsError::Limit {
+            path: path.to_path_buf(),
+            what: "cannot add an inotify watch: the limit fs.inotify.max_user_watches is reached (raise it: sysctl fs.inotify.max_user_watches=…)".into(),
+        }
     } else {
         FsError::io(path, "inotify_add_watch", errno)
     }
