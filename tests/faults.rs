@@ -257,7 +257,7 @@ fn kill_9_at_random_moments_200_times() {
             &fs::read_to_string(env.path("kill9.log")).unwrap_or_default(),
             "agent stderr",
         );
-        if let Some(bytes) = fs::read(&dest).ok() {
+        if let Ok(bytes) = fs::read(&dest) {
             let v: serde_json::Value = serde_json::from_slice(&bytes)
                 .unwrap_or_else(|e| panic!("round {round}: partial destination: {e}"));
             assert!(
