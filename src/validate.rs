@@ -55,7 +55,9 @@ pub enum Refusal {
     Empty(&'static str),
     #[error("`{0}` has the wrong type (expected {1})")]
     WrongType(&'static str, &'static str),
-    #[error("`{0}` does not start with `{1}`")]
+    /// The expected prefix is deliberately not quoted: no log line may
+    /// contain token text, not even a prefix.
+    #[error("`{0}` does not have the expected {kind} prefix", kind = prefix_kind(.1))]
     BadPrefix(&'static str, &'static str),
     #[error("`scopes` lacks \"user:inference\"")]
     MissingScope,
@@ -63,6 +65,14 @@ pub enum Refusal {
     Expired(i64),
     #[error("rollback: expiresAt {} is older than the last applied {} (set allow_rollback = true to accept)", crate::validate::fmt_ms(*.new), crate::validate::fmt_ms(*.last))]
     Rollback { new: i64, last: i64 },
+}
+
+fn prefix_kind(prefix: &str) -> &'static str {
+    if prefix == REFRESH_PREFIX {
+        "refresh-token"
+    } else {
+        "access-token"
+    }
 }
 
 impl Refusal {
@@ -385,11 +395,8 @@ mod tests {
     #[test]
     fn messages_and_debug_never_show_tokens() {
         let g = good(NOW + 1000);
-        for bad in [
-            &g[..40],
-            &g[..g.len() - 1],
-            "{\"claudeAiOauth\": {\"accessToken\": \"sk-ant-oat01-XYZ\" nope",
-        ] {
+        let wrong_prefix = creds("7sk-ant-oat01-A", "sk-ant-ort01-B", NOW + 1000);
+        for bad in [&g[..40], &g[..g.len() - 1], "{\"claudeAiOauth\": {\"accessToken\": \"sk-ant-oat01-XYZ\" nope", wrong_prefix.as_str()] {
             let e = check(bad).unwrap_err();
             assert!(!e.to_string().contains("sk-ant-"), "{e}");
         }
