@@ -396,7 +396,12 @@ mod tests {
     fn messages_and_debug_never_show_tokens() {
         let g = good(NOW + 1000);
         let wrong_prefix = creds("7sk-ant-oat01-A", "sk-ant-ort01-B", NOW + 1000);
-        for bad in [&g[..40], &g[..g.len() - 1], "{\"claudeAiOauth\": {\"accessToken\": \"sk-ant-oat01-XYZ\" nope", wrong_prefix.as_str()] {
+        for bad in [
+            &g[..40],
+            &g[..g.len() - 1],
+            "{\"claudeAiOauth\": {\"accessToken\": \"sk-ant-oat01-XYZ\" nope",
+            wrong_prefix.as_str(),
+        ] {
             let e = check(bad).unwrap_err();
             assert!(!e.to_string().contains("sk-ant-"), "{e}");
         }

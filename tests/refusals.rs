@@ -198,18 +198,37 @@ fn fifo_and_huge_sources_are_refused_without_hanging() {
     let good = fs::read(env.path("shared/.credentials.json")).unwrap();
     // A FIFO: opening it for reading would block forever.
     let fifo = env.path("home/.claude/fifo");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     fs::rename(&fifo, &src).unwrap();
-    assert!(agent.wait_log("is a FIFO, not a regular file", Duration::from_secs(5)), "{}", agent.stderr());
+    assert!(
+        agent.wait_log("is a FIFO, not a regular file", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
     // A file over 64 KiB.
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(70 * 1024));
     write_atomic(&src, &big);
-    assert!(agent.wait_log("is larger than 65536 bytes", Duration::from_secs(5)), "{}", agent.stderr());
+    assert!(
+        agent.wait_log("is larger than 65536 bytes", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
     // Not stuck: a valid file afterwards is applied.
     let c = creds(2);
     write_atomic(&src, &c);
     let want = serde_json::from_str::<serde_json::Value>(&c).unwrap();
-    assert!(wait_until(Duration::from_secs(5), || read_json(&env.path("shared/.credentials.json")) == Some(want.clone())));
-    assert_ne!(fs::read(env.path("shared/.credentials.json")).unwrap(), good);
+    assert!(wait_until(Duration::from_secs(5), || read_json(
+        &env.path("shared/.credentials.json")
+    ) == Some(
+        want.clone()
+    )));
+    assert_ne!(
+        fs::read(env.path("shared/.credentials.json")).unwrap(),
+        good
+    );
     agent.stop();
 }
