@@ -4,138 +4,13 @@
 //! states, the journal). See tests/run.sh for how the .deb and the rootfs are
 //! made; with `CRED_WATCH_E2E=required` (CI) a missing prerequisite fails.
 mod common;
+#[path = "e2e/container.rs"]
+mod container;
 use common::assert_no_secret;
+use container::Container;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Container {
-    nspawn: Child,
-    leader: i32,
-}
-
-impl Container {
-    fn boot(name: &str, rootfs: &Path, deb_dir: &Path) -> Container {
-        let nspawn = Command::new("systemd-nspawn")
-            .args(["-q", "-D"])
-            .arg(rootfs)
-            .args([
-                "-M",
-                name,
-                "--boot",
-                "--register=no",
-                "--keep-unit",
-                "--private-network",
-                "--volatile=overlay",
-                "--console=pipe",
-            ])
-            .arg(format!("--bind-ro={}:/mnt/deb", deb_dir.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("systemd-nspawn");
-        let pid = nspawn.id();
-        let mut leader = None;
-        let end = Instant::now() + Duration::from_secs(30);
-        while leader.is_none() && Instant::now() < end {
-            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                .unwrap_or_default();
-            leader = children
-                .split_whitespace()
-                .find(|c| {
-                    std::fs::read_to_string(format!("/proc/{c}/comm"))
-                        .is_ok_and(|s| s.trim() == "systemd")
-                })
-                .and_then(|c| c.parse().ok());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let c = Container {
-            nspawn,
-            leader: leader.expect("container's systemd did not start"),
-        };
-        // The bus comes up a moment after PID 1.
-        assert!(
-            common::wait_until(Duration::from_secs(60), || {
-                let (code, out, _) = c.sh("systemctl is-system-running --wait 2>/dev/null");
-                code == 0 || out.trim() == "degraded"
-            }),
-            "container did not finish booting"
-        );
-        c
-    }
-
-    fn sh_input(&self, script: &str, input: &str) -> (i32, String, String) {
-        use std::io::Write;
-        let mut child = Command::new("nsenter")
-            .args(["-t", &self.leader.to_string(), "-a", "sh", "-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn sh(&self, script: &str) -> (i32, String, String) {
-        self.sh_input(script, "")
-    }
-
-    /// Runs `script`, asserting success; returns trimmed stdout.
-    fn ok(&self, script: &str) -> String {
-        let (code, out, err) = self.sh(script);
-        assert_eq!(code, 0, "`{script}` failed:\n{out}\n{err}");
-        out.trim().to_string()
-    }
-
-    /// What the CLI does: temp file 0600 in the same directory, then rename.
-    fn write_creds(&self, path: &str, content: &str) {
-        let script = format!("set -e; umask 077; mkdir -p \"$(dirname {path})\"; cat > {path}.tmp.$$; mv -f {path}.tmp.$$ {path}");
-        let (code, out, err) = self.sh_input(&script, content);
-        assert_eq!(code, 0, "{out}{err}");
-    }
-
-    fn bridge_starts(&self) -> usize {
-        self.ok("cat /run/bridge.starts 2>/dev/null | wc -l")
-            .parse()
-            .unwrap()
-    }
-
-    fn show(&self, unit: &str, prop: &str) -> String {
-        self.ok(&format!("systemctl show -p {prop} --value {unit}"))
-    }
-
-    fn journal(&self) -> String {
-        self.ok("journalctl -u cred-watch --no-pager -o cat")
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        // SIGTERM to nspawn is a clean poweroff.
-        unsafe { libc::kill(self.nspawn.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.nspawn.kill();
-        let _ = self.nspawn.wait();
-    }
-}
 
 fn creds(seq: u64) -> String {
     common::creds(seq)
@@ -200,23 +75,12 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     if unsafe { libc::geteuid() } != 0 {
         return missing("not root");
     }
-    let rootfs = PathBuf::from(
-        std::env::var("CRED_WATCH_E2E_ROOTFS")
-            .unwrap_or_else(|_| "/var/cache/cred-watch-e2e/bookworm".into()),
-    );
-    if !rootfs.join(".cred-watch-complete").exists() {
+    let Some(rootfs) = container::rootfs() else {
         return missing("no rootfs (tests/e2e/rootfs.sh builds it)");
-    }
-    let deb_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
-    let fresh = std::fs::read_dir(&deb_dir)
-        .ok()
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| e.path().extension().is_some_and(|x| x == "deb"));
-    if !fresh {
+    };
+    let Some(deb_dir) = container::deb_dir() else {
         return missing("no .deb in target/debian (cargo deb builds it)");
-    }
+    };
     if Command::new("systemd-nspawn")
         .arg("--version")
         .output()
