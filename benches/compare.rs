@@ -110,7 +110,7 @@ fn measure(
     watch: &[(&Path, WatchMask)],
     change: &mut dyn FnMut(usize) -> Instant,
     done: &mut dyn FnMut() -> bool,
-) -> Vec<f64> {
+) -> Samples {
     let mut ino = Inotify::init().unwrap();
     for (dir, mask) in watch {
         ino.watches().add(dir, *mask).unwrap();
@@ -127,27 +127,53 @@ fn measure(
         }
         assert!(Instant::now() < ready_by, "contender never reacted");
     }
-    let mut out = Vec::with_capacity(iters);
-    for n in 0..iters + 20 {
+    let mut out = Samples {
+        us: Vec::with_capacity(iters),
+        lost: 0,
+    };
+    let mut n = 0;
+    while out.us.len() < iters {
         std::thread::sleep(gap);
         drain(&mut ino);
-        let k = i + n;
-        let t0 = change(k);
-        assert!(
-            wait_for(&mut ino, Duration::from_secs(10), done),
-            "no effect within 10s (iteration {n})"
-        );
-        if n >= 20 {
-            out.push(t0.elapsed().as_secs_f64() * 1e6);
+        let t0 = change(i + n);
+        n += 1;
+        if !wait_for(&mut ino, Duration::from_secs(1), done) {
+            out.lost += 1;
+            if out.lost >= MAX_LOST {
+                eprintln!(
+                    "  {}: {MAX_LOST} changes lost, giving up after {} samples",
+                    watch[0].0.display(),
+                    out.us.len()
+                );
+                break;
+            }
+            continue;
+        }
+        // The first 20 are warm-up.
+        if n > 20 {
+            out.us.push(t0.elapsed().as_secs_f64() * 1e6);
         }
     }
     out
 }
 
-fn stats(v: &mut [f64]) -> (f64, f64) {
+/// A contender that misses this many changes is reported as such.
+const MAX_LOST: usize = 50;
+
+struct Samples {
+    us: Vec<f64>,
+    lost: usize,
+}
+
+fn stats(s: &mut Samples) -> (f64, f64, usize) {
+    eprintln!("  {} samples, {} lost", s.us.len(), s.lost);
+    if s.us.is_empty() {
+        return (f64::NAN, f64::NAN, s.lost);
+    }
+    let v = &mut s.us;
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    (p(0.5), p(0.99))
+    (p(0.5), p(0.99), s.lost)
 }
 
 /// CPU seconds used so far by every process of a process group (children
@@ -283,9 +309,10 @@ struct Row {
     contender: String,
     p50: f64,
     p99: f64,
+    lost: usize,
 }
 
-fn mode_latency(iters: usize, dir: &Path) -> Vec<f64> {
+fn mode_latency(iters: usize, dir: &Path) -> Samples {
     let target = dir.join(NAME);
     measure(
         iters,
@@ -294,8 +321,6 @@ fn mode_latency(iters: usize, dir: &Path) -> Vec<f64> {
         &mut |i| rename_in(dir, &creds(i)),
         &mut || mode_of(&target) == 0o644,
     )
-    .into_iter()
-    .collect()
 }
 
 fn fresh_dir(base: &Path, name: &str) -> PathBuf {
@@ -311,7 +336,7 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("floor") {
         return floor(Path::new(&args[2]));
     }
-    let iters: usize = env_or("ITERS", 300);
+    let iters: usize = env_or("ITERS", 300).max(1);
     let storm: usize = env_or("STORM", 10_000);
     let idle_secs: u64 = env_or("IDLE_SECS", 60);
     let me = std::env::current_exe().unwrap();
@@ -329,24 +354,26 @@ fn main() {
     {
         let d = fresh_dir(base, "floor");
         let _p = floor_watcher(&me, &d.join("claude"));
-        let (p50, p99) = stats(&mut mode_latency(iters, &d.join("claude")));
+        let (p50, p99, lost) = stats(&mut mode_latency(iters, &d.join("claude")));
         rows.push(Row {
             scenario: "1 rename → mode 0644",
             contender: "floor: inotify + fchmod loop".into(),
             p50,
             p99,
+            lost,
         });
     }
     let cw_idle;
     {
         let d = fresh_dir(base, "cw-mode");
         let p = cred_watch(&bin, &d, &perms(&d));
-        let (p50, p99) = stats(&mut mode_latency(iters, &d.join("claude")));
+        let (p50, p99, lost) = stats(&mut mode_latency(iters, &d.join("claude")));
         rows.push(Row {
             scenario: "1 rename → mode 0644",
             contender: "cred-watch".into(),
             p50,
             p99,
+            lost,
         });
         // 5. idle, right after: no resync, no watchdog.
         std::thread::sleep(Duration::from_millis(300));
@@ -361,12 +388,13 @@ fn main() {
             "inotifywait -m -q -e moved_to,close_write --format %f '{0}' | while read -r f; do [ \"$f\" = {NAME} ] && chmod 644 '{0}/{NAME}'; done",
             c.display()
         ));
-        let (p50, p99) = stats(&mut mode_latency(iters, &c));
+        let (p50, p99, lost) = stats(&mut mode_latency(iters, &c));
         rows.push(Row {
             scenario: "1 rename → mode 0644",
             contender: "inotifywait | while read; chmod".into(),
             p50,
             p99,
+            lost,
         });
     }
 
@@ -389,12 +417,13 @@ fn main() {
     {
         let d = fresh_dir(base, "cw-copy");
         let _p = cred_watch(&bin, &d, &format!("[[watch]]\nname = \"b\"\nsource = \"{0}/claude/{NAME}\"\n[[watch.copy]]\ndest = \"{0}/shared/{NAME}\"\nmode = \"0640\"\n", d.display()));
-        let (p50, p99) = stats(&mut copy_latency(&d));
+        let (p50, p99, lost) = stats(&mut copy_latency(&d));
         rows.push(Row {
             scenario: "2 rename → copy in place",
             contender: "cred-watch".into(),
             p50,
             p99,
+            lost,
         });
     }
     {
@@ -403,12 +432,13 @@ fn main() {
             "inotifywait -m -q -e moved_to,close_write --format %f '{0}/claude' | while read -r f; do [ \"$f\" = {NAME} ] && install -m 0640 '{0}/claude/{NAME}' '{0}/shared/.tmp' && mv '{0}/shared/.tmp' '{0}/shared/{NAME}'; done",
             d.display()
         ));
-        let (p50, p99) = stats(&mut copy_latency(&d));
+        let (p50, p99, lost) = stats(&mut copy_latency(&d));
         rows.push(Row {
             scenario: "2 rename → copy in place",
             contender: "inotifywait | install && mv".into(),
             p50,
             p99,
+            lost,
         });
     }
 
@@ -426,7 +456,7 @@ fn main() {
                 rename_in(&c, &last);
             }
             let dur = t.elapsed();
-            let converged = container_wait(Duration::from_secs(30), || {
+            let converged = container::wait_until(Duration::from_secs(30), || {
                 fs::read_to_string(&dest).is_ok_and(|s| s == last)
             });
             std::thread::sleep(Duration::from_millis(1500));
@@ -494,7 +524,7 @@ fn main() {
         }
         let p = cred_watch(&bin, &d, &watches);
         let probe = d.join(format!("u{}", n / 2));
-        let (p50, p99) = stats(&mut mode_latency(iters, &probe));
+        let (p50, p99, _) = stats(&mut mode_latency(iters, &probe));
         if n == 1 {
             p99_one = p99;
         }
@@ -513,7 +543,7 @@ fn main() {
     }
 
     // Tables and chart.
-    let mut head = String::from("### 1–3. Latency (µs; ratios against the first row of each scenario)\n\n| scenario | contender | p50 | p99 | p50 ratio |\n|---|---|---:|---:|---:|\n");
+    let mut head = String::from("### 1–3. Latency (µs; ratios against the first row of each scenario)\n\n| scenario | contender | p50 | p99 | p50 ratio | changes lost |\n|---|---|---:|---:|---:|---:|\n");
     let mut first: Option<(&str, f64)> = None;
     for r in &rows {
         if first.is_none_or(|(s, _)| s != r.scenario) {
@@ -522,12 +552,13 @@ fn main() {
         let base = first.unwrap().1;
         let _ = writeln!(
             head,
-            "| {} | {} | {:.0} | {:.0} | {:.2}× |",
+            "| {} | {} | {:.0} | {:.0} | {:.2}× | {} |",
             r.scenario,
             r.contender.replace('|', "\\|"),
             r.p50,
             r.p99,
-            r.p50 / base
+            r.p50 / base,
+            r.lost
         );
     }
     let size = fs::metadata(&bin).map(|m| m.len() / 1024).unwrap_or(0);
@@ -544,17 +575,6 @@ fn main() {
     eprintln!("wrote {}/report.md and latency.svg", out.display());
 }
 
-fn container_wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    cond()
-}
-
 /// Rows 1 and 3 under systemd, plus the storm for the path unit.
 fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
     if unsafe { libc::geteuid() } != 0 {
@@ -564,7 +584,7 @@ fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
     let debs = container::deb_dir().ok_or("no .deb (cargo deb)")?;
     let c = container::Container::boot("cred-watch-bench", &rootfs, &debs);
     c.ok("dpkg -i /mnt/deb/cred-watch_*.deb >/dev/null");
-    c.ok("mkdir -p /root/.claude && printf '[Service]\\nExecStart=/bin/sh -c \"echo x >> /run/bridge.starts; exec sleep infinity\"\\n' > /etc/systemd/system/bridge.service");
+    c.ok("mkdir -p /root/.claude && printf '[Unit]\\nStartLimitIntervalSec=0\\n[Service]\\nExecStart=/bin/sh -c \"echo x >> /run/bridge.starts; exec sleep infinity\"\\n' > /etc/systemd/system/bridge.service");
     c.ok("printf '[Unit]\\nStartLimitIntervalSec=0\\n[Path]\\nPathChanged=/root/.claude/.credentials.json\\nUnit=oldchmod.service\\n' > /etc/systemd/system/oldchmod.path");
     c.ok("printf '[Unit]\\nStartLimitIntervalSec=0\\n[Service]\\nType=oneshot\\nCPUAccounting=yes\\nExecStart=/bin/chmod 644 /root/.claude/.credentials.json\\n' > /etc/systemd/system/oldchmod.service");
     c.ok("printf '[Unit]\\nStartLimitIntervalSec=0\\n[Path]\\nPathChanged=/root/.claude/.credentials.json\\nUnit=oldrestart.service\\n' > /etc/systemd/system/oldrestart.path");
@@ -592,20 +612,22 @@ fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
     // 1 under systemd: cred-watch.service, then the path unit.
     set_cfg(&cw_cfg("[watch.permissions]\nfile_mode = \"0644\"\n"));
     c.ok("systemctl restart cred-watch");
-    let (p50, p99) = stats(&mut mode_latency(iters, &dir));
+    let (p50, p99, lost) = stats(&mut mode_latency(iters, &dir));
     rows.push(Row {
         scenario: "1 rename → mode 0644",
         contender: "cred-watch.service (nspawn)".into(),
         p50,
         p99,
+        lost,
     });
     c.ok("systemctl stop cred-watch && systemctl start oldchmod.path");
-    let (p50, p99) = stats(&mut mode_latency(iters, &dir));
+    let (p50, p99, lost) = stats(&mut mode_latency(iters, &dir));
     rows.push(Row {
         scenario: "1 rename → mode 0644",
         contender: ".path + oneshot chmod (nspawn)".into(),
         p50,
         p99,
+        lost,
     });
     c.ok("systemctl stop oldchmod.path");
 
@@ -614,7 +636,7 @@ fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
         c.ok(start);
         let seen = std::cell::Cell::new(count(&starts));
         measure(
-            iters.max(200),
+            iters,
             Duration::from_millis(30),
             &[(&run, WatchMask::MODIFY | WatchMask::CLOSE_WRITE)],
             &mut |i| {
@@ -627,20 +649,22 @@ fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
     set_cfg(&cw_cfg(
         "[watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"0s\"\n",
     ));
-    let (p50, p99) = stats(&mut restart_latency("systemctl start cred-watch"));
+    let (p50, p99, lost) = stats(&mut restart_latency("systemctl start cred-watch"));
     rows.push(Row {
         scenario: "3 rename → bridge restarted",
         contender: "cred-watch.service (settle 0ms)".into(),
         p50,
         p99,
+        lost,
     });
     c.ok("systemctl stop cred-watch");
-    let (p50, p99) = stats(&mut restart_latency("systemctl start oldrestart.path"));
+    let (p50, p99, lost) = stats(&mut restart_latency("systemctl start oldrestart.path"));
     rows.push(Row {
         scenario: "3 rename → bridge restarted",
         contender: ".path + systemctl restart (nspawn)".into(),
         p50,
         p99,
+        lost,
     });
     c.ok("systemctl stop oldrestart.path");
 
@@ -674,7 +698,7 @@ fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
             rename_in(&dir, &creds(100_000 + i));
         }
         let dur = t.elapsed();
-        let mode_ok = container_wait(Duration::from_secs(30), || {
+        let mode_ok = container::wait_until(Duration::from_secs(30), || {
             mode_of(&dir.join(NAME)) == 0o644
         });
         std::thread::sleep(Duration::from_secs(2));

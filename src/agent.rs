@@ -220,9 +220,28 @@ impl Agent {
         let now = Instant::now();
         let w = &self.settings.watches[n];
         let rec = self.state.watches.entry(w.name.clone()).or_default();
+        let before = rec.clone();
+        let units_before = self.state.units.clone();
         let last = rec.applied();
         let result = reconcile(w, self.watcher.dir_fd(n), last.as_ref(), &rec.copies, false);
-        self.dirty = true;
+        let name = w.name.clone();
+        self.handle(n, complete, now, result);
+        // Write the state only when this watch's record (or the set of
+        // owed restarts) changed: an event that finds everything in sync,
+        // like the echo of our own fchmod, costs no write and no fsync.
+        if self.state.watches.get(&name) != Some(&before) || self.state.units != units_before {
+            self.dirty = true;
+        }
+    }
+
+    fn handle(
+        &mut self,
+        n: usize,
+        complete: bool,
+        now: Instant,
+        result: Result<Reconciled, crate::fsutil::FsError>,
+    ) {
+        let w = &self.settings.watches[n];
         match result {
             Err(e) => {
                 let msg = e.to_string();

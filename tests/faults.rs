@@ -63,6 +63,15 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A temp root with the source's directory, plus the source and copy paths.
+fn setup() -> (Env, PathBuf, PathBuf) {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    let dest = env.path("shared/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    (env, src, dest)
+}
+
 fn expected(content: &str) -> serde_json::Value {
     without(content, &["mcpOAuth"])
 }
@@ -84,10 +93,7 @@ fn full_destination_filesystem_then_space_returns() {
         eprintln!("skipped: needs root to mount a tmpfs");
         return;
     }
-    let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    let dest = env.path("shared/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let (env, src, dest) = setup();
     let fs_guard = Tmpfs::mount(&env.path("shared"), "64k");
     // Fill it up.
     let filler = env.path("shared/filler");
@@ -129,10 +135,7 @@ fn read_only_destination_is_a_clear_error_and_watching_goes_on() {
         eprintln!("skipped: needs root to mount a tmpfs");
         return;
     }
-    let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    let dest = env.path("shared/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let (env, src, dest) = setup();
     let tmpfs = Tmpfs::mount(&env.path("shared"), "1m");
     let c1 = creds(1);
     write_atomic(&src, &c1);
@@ -179,10 +182,7 @@ fn read_only_destination_is_a_clear_error_and_watching_goes_on() {
 
 #[test]
 fn destination_directory_removed_is_recreated_with_the_configured_mode() {
-    let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    let dest = env.path("shared/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let (env, src, dest) = setup();
     write_atomic(&src, &creds(1));
     let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
     assert!(dest.exists());
