@@ -18,6 +18,9 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// At most one state write per this interval during a storm.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
 /// Per-watch memory that does not need to survive a restart.
 #[derive(Debug, Default)]
 struct Runtime {
@@ -40,6 +43,7 @@ pub struct Agent {
     worker: Worker,
     state: State,
     dirty: bool,
+    last_persist: Option<Instant>,
     notifier: Notifier,
     watchdog: Option<Duration>,
     next_watchdog: Option<Instant>,
@@ -99,6 +103,7 @@ impl Agent {
             worker,
             state,
             dirty: true,
+            last_persist: None,
             notifier: Notifier::from_env(),
             watchdog,
             next_watchdog: None,
@@ -482,6 +487,7 @@ impl Agent {
         next.extend(self.sched.next_deadline());
         next.extend(self.next_resync);
         next.extend(self.next_watchdog);
+        next.extend(self.persist_due());
         for (n, rt) in self.rt.iter().enumerate() {
             let w = &self.settings.watches[n];
             if let (Some(since), false) = (rt.absent_since, rt.logout_warned) {
@@ -580,10 +586,24 @@ impl Agent {
         if !self.dirty {
             return;
         }
+        self.last_persist = Some(Instant::now());
         match state::save(&self.settings.agent.state_dir, &self.state) {
             Ok(()) => self.dirty = false,
             Err(e) => error!("cannot save state: {e}"),
         }
+    }
+
+    /// When a coalesced state write is due. The first change after a quiet
+    /// second is written at once; during a storm at most one write (and
+    /// fsync) per second, so the state file's size never slows the events.
+    fn persist_due(&self) -> Option<Instant> {
+        if !self.dirty {
+            return None;
+        }
+        Some(
+            self.last_persist
+                .map_or_else(Instant::now, |at| at + PERSIST_EVERY),
+        )
     }
 
     fn summary(&self) -> String {
@@ -640,7 +660,9 @@ impl Agent {
                 self.restart_outcomes();
             }
             self.check_timers();
-            self.persist();
+            if self.persist_due().is_some_and(|at| Instant::now() >= at) {
+                self.persist();
+            }
         }
     }
 

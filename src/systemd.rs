@@ -164,7 +164,8 @@ impl ServiceManager for Recorder {
             .create(true)
             .append(true)
             .open(&self.path)?;
-        writeln!(f, "{line}")?;
+        // One O_APPEND write per line: a concurrent reader never sees half of one.
+        f.write_all(format!("{line}\n").as_bytes())?;
         if failed {
             anyhow::bail!("job for {unit} finished with result \"failed\"");
         }
