@@ -375,8 +375,9 @@ fn main() {
             p99,
             lost,
         });
-        // 5. idle, right after: no resync, no watchdog.
-        std::thread::sleep(Duration::from_millis(300));
+        // 5. idle, once the last change's coalesced state write (≤ 1 s) is done:
+        // no resync, no watchdog.
+        std::thread::sleep(Duration::from_millis(1500));
         let before = switches(p.id());
         std::thread::sleep(Duration::from_secs(idle_secs));
         cw_idle = (switches(p.id()) - before, rss_kib(p.id()));
