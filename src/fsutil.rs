@@ -46,9 +46,6 @@ impl FsError {
             why: why.into(),
         }
     }
-    pub fn is_missing(&self) -> bool {
-        matches!(self, FsError::Missing(_))
-    }
 }
 
 pub const DIR_FLAGS: OFlag = OFlag::O_RDONLY
@@ -151,61 +148,7 @@ pub fn open_dir(path: &Path) -> Result<OwnedFd, FsError> {
     walk_dirs(path, |_, _, _| Ok(()))
 }
 
-/// How far an absolute directory path could be opened: the deepest
-/// directory reached, its path, how many components below `/` were opened,
-/// and why the walk stopped early (`None` when it was merely missing).
-pub struct Deepest {
-    pub fd: OwnedFd,
-    pub path: PathBuf,
-    pub depth: usize,
-    pub complete: bool,
-    pub refused: Option<FsError>,
-}
-
-/// Like [`open_dir`], but stops at the deepest existing directory, so a
-/// caller can watch it for the rest of the path to appear.
-pub fn open_deepest(path: &Path) -> Result<Deepest, FsError> {
-    let parts = components(path)?;
-    let mut cur = PathBuf::from("/");
-    let mut fd = nix::fcntl::open(&cur, DIR_FLAGS, Mode::empty())
-        .map_err(|e| FsError::io(&cur, "open", e))?;
-    for (depth, name) in parts.iter().enumerate() {
-        match open_subdir(fd.as_fd(), &cur, name) {
-            Ok(next) => {
-                fd = next;
-                cur.push(name);
-            }
-            Err(FsError::Missing(_)) => {
-                return Ok(Deepest {
-                    fd,
-                    path: cur,
-                    depth,
-                    complete: false,
-                    refused: None,
-                })
-            }
-            Err(e @ FsError::Refused { .. }) => {
-                return Ok(Deepest {
-                    fd,
-                    path: cur,
-                    depth,
-                    complete: false,
-                    refused: Some(e),
-                })
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Deepest {
-        fd,
-        path: cur,
-        depth: parts.len(),
-        complete: true,
-        refused: None,
-    })
-}
-
-/// The components of an absolute path (for callers of [`open_deepest`]).
+/// The components of an absolute path (for walkers such as the watcher).
 pub fn path_components(path: &Path) -> Result<Vec<&OsStr>, FsError> {
     components(path)
 }

@@ -36,10 +36,6 @@ pub struct Valid {
     pub written: BTreeMap<String, String>,
 }
 
-pub fn hex(fp: &Fingerprint) -> String {
-    fp.0.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Reconciles watch `w` whose directory is `dir`. `last` is what was last
 /// applied; `last_written` what was last written to each destination.
 pub fn reconcile(
@@ -104,7 +100,7 @@ pub fn reconcile(
             Ok(o) => {
                 if let (Some(prev), Some(ours)) = (o.previous, last_written.get(&dest)) {
                     if o.change.is_some()
-                        && &hex(&prev) != ours
+                        && &prev.hex() != ours
                         && prev != Fingerprint::of(&payload.0)
                     {
                         out.warnings.push(format!(
@@ -113,7 +109,7 @@ pub fn reconcile(
                     }
                 }
                 out.changes.extend(o.change);
-                out.written.insert(dest, hex(&Fingerprint::of(&payload.0)));
+                out.written.insert(dest, Fingerprint::of(&payload.0).hex());
             }
             Err(e) => out.errors.push(e.to_string()),
         }

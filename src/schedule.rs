@@ -178,10 +178,6 @@ impl Scheduler {
     pub fn failures(&self, unit: &str) -> u32 {
         self.units.get(unit).map_or(0, |u| u.failures)
     }
-
-    pub fn any_in_flight(&self) -> bool {
-        self.units.values().any(|u| u.in_flight)
-    }
 }
 
 #[cfg(test)]

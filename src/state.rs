@@ -63,7 +63,7 @@ impl WatchRecord {
     }
 
     pub fn set_applied(&mut self, fp: Fingerprint, expires_at: Option<i64>) {
-        self.fingerprint = Some(fp.0.iter().map(|b| format!("{b:02x}")).collect());
+        self.fingerprint = Some(fp.hex());
         self.expires_at_ms = expires_at;
         self.applied_at_ms = Some(now_ms());
     }

@@ -24,9 +24,14 @@ impl Fingerprint {
     pub fn of(bytes: &[u8]) -> Self {
         Fingerprint(Sha256::digest(bytes).into())
     }
+    /// All 64 hex digits (kept in the state file to compare, never logged).
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The first 12 hex digits, the only form that is ever shown.
     pub fn short(&self) -> String {
-        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+        self.hex()[..12].to_string()
     }
 }
 

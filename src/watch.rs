@@ -221,10 +221,6 @@ impl Watcher {
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
-
-    pub fn source_path(&self, n: usize) -> (&Path, &OsStr) {
-        (&self.slots[n].dir, &self.slots[n].file)
-    }
 }
 
 fn classify(
