@@ -18,13 +18,17 @@ fn atomic_rename_gets_0644_and_ancestors_gain_search_bits() {
     let src = claude.join(".credentials.json");
     let agent = Agent::start(&env, &env.config(&standard_config(PERMS)));
     write_atomic(&src, &creds(1));
+    // The file's mode is set first and the ancestors right after, so wait
+    // for all three rather than assert on the walk mid-way.
     assert!(
-        wait_until(Duration::from_secs(5), || mode(&src) == 0o644),
-        "mode is {:o}",
-        mode(&src)
+        wait_until(Duration::from_secs(5), || mode(&src) == 0o644
+            && mode(&home) == 0o711
+            && mode(&claude) == 0o751),
+        "modes: file {:o}, home {:o}, .claude {:o}",
+        mode(&src),
+        mode(&home),
+        mode(&claude)
     );
-    assert_eq!(mode(&home), 0o711);
-    assert_eq!(mode(&claude), 0o751);
     // Again: each rename brings a new 0600 inode.
     write_atomic(&src, &creds(2));
     assert!(wait_until(Duration::from_secs(5), || mode(&src) == 0o644));

@@ -18,4 +18,4 @@ elif [ "${CRED_WATCH_E2E:-}" = required ]; then
     echo "tests/run.sh: end-to-end tests required but not root or no systemd-nspawn/cargo-deb" >&2
     exit 1
 fi
-cargo test
+cargo test --no-fail-fast
