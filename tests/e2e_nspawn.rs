@@ -196,8 +196,7 @@ fn e2e_on_real_systemd() {
     let t = Instant::now();
     c.ok(&burst_script(100, "0.02", "burst", 2));
     let storm = t.elapsed();
-    std::thread::sleep(Duration::from_millis(2500));
-    let restarts = c.bridge_starts() - starts0;
+    let restarts = c.bridge_starts_settled(Duration::from_millis(2500)) - starts0;
     let bound = storm.as_secs_f64() / 1.0 + 2.0;
     let final_src = common::without(&c.ok(&format!("cat {SRC}")), &["mcpOAuth"]);
     let final_dest: serde_json::Value =
@@ -321,8 +320,7 @@ fn e2e_on_real_systemd() {
     let t = Instant::now();
     c.ok(&burst_script(100, "0.02", "side", 5));
     let storm = t.elapsed();
-    std::thread::sleep(Duration::from_millis(2500));
-    let restarts = c.bridge_starts() - starts0;
+    let restarts = c.bridge_starts_settled(Duration::from_millis(2500)) - starts0;
     let path_state = format!(
         "{} ({})",
         c.show("oldway.path", "ActiveState"),

@@ -137,8 +137,9 @@ fn tampered_copy_is_restored_on_sigusr1_and_resync() {
         "{}",
         agent.stderr()
     );
+    // The warning is logged once the reconcile that restored the copy ends.
     assert!(
-        agent.stderr().contains("was modified by another writer"),
+        agent.wait_log("was modified by another writer", Duration::from_secs(3)),
         "{}",
         agent.stderr()
     );

@@ -121,6 +121,26 @@ impl Container {
             .unwrap()
     }
 
+    /// The bridge's start count once it has stopped moving for `quiet`
+    /// (a restart owed after a burst can come a cooldown later), giving up
+    /// after 30 s so a restart loop still fails the caller's bound.
+    pub fn bridge_starts_settled(&self, quiet: Duration) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = self.bridge_starts();
+        let mut since = Instant::now();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+            let now = self.bridge_starts();
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet {
+                break;
+            }
+        }
+        last
+    }
+
     pub fn show(&self, unit: &str, prop: &str) -> String {
         self.ok(&format!("systemctl show -p {prop} --value {unit}"))
     }
