@@ -41,6 +41,8 @@ pub struct Agent {
     rt: Vec<Runtime>,
     sched: Scheduler,
     worker: Worker,
+    /// Held for the agent's life: one agent per state directory.
+    lock: state::StateLock,
     state: State,
     dirty: bool,
     last_persist: Option<Instant>,
@@ -81,6 +83,7 @@ pub fn run(
 
 impl Agent {
     fn new(config_path: PathBuf, settings: Settings, worker: Worker) -> anyhow::Result<Agent> {
+        let lock = lock_state_dir(&settings)?;
         let state = match state::load(&settings.agent.state_dir) {
             Ok(s) => s,
             Err(e) => {
@@ -101,6 +104,7 @@ impl Agent {
             settings,
             watcher,
             worker,
+            lock,
             state,
             dirty: true,
             last_persist: None,
@@ -549,37 +553,62 @@ impl Agent {
 
     fn reload(&mut self) {
         self.notifier.send("RELOADING=1");
-        match config::load(&self.config_path) {
-            Err(e) => error!("reload rejected, keeping the running configuration: {e}"),
-            Ok(new) if new == self.settings => info!("reload: configuration unchanged"),
-            Ok(new) => match new_watcher(&new) {
-                Err(e) => error!("reload rejected, keeping the running configuration: {e:#}"),
-                Ok(watcher) => {
-                    crate::logging::set_level(new.agent.log_level.filter());
-                    self.sched.set_settle(new.agent.settle);
-                    self.rt = new.watches.iter().map(|_| Runtime::default()).collect();
-                    self.watcher = watcher;
-                    self.settings = new;
-                    self.next_resync = None;
-                    info!(
-                        "reloaded configuration from {}",
-                        self.settings
-                            .files
-                            .iter()
-                            .map(|p| p.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                    self.restore_restarts();
-                    if let Err(e) = self.arm_all() {
-                        error!("reload: {e:#}");
-                    }
-                    self.reconcile_all("reload");
+        match self.prepare_reload() {
+            Err(e) => error!("reload rejected, keeping the running configuration: {e:#}"),
+            Ok(None) => info!("reload: configuration unchanged"),
+            Ok(Some(Reloaded {
+                settings: new,
+                watcher,
+                lock,
+            })) => {
+                crate::logging::set_level(new.agent.log_level.filter());
+                self.sched.set_settle(new.agent.settle);
+                self.rt = new.watches.iter().map(|_| Runtime::default()).collect();
+                self.watcher = watcher;
+                if let Some(lock) = lock {
+                    self.lock = lock;
                 }
-            },
+                self.settings = new;
+                self.next_resync = None;
+                info!(
+                    "reloaded configuration from {}",
+                    self.settings
+                        .files
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.restore_restarts();
+                if let Err(e) = self.arm_all() {
+                    error!("reload: {e:#}");
+                }
+                self.reconcile_all("reload");
+            }
         }
         self.notifier
             .send(&format!("READY=1\nSTATUS={}", self.summary()));
+    }
+
+    /// Everything a reload needs that can fail, acquired before anything
+    /// changes: the new settings, their watcher, and the lock of a new
+    /// `state_dir`. `None` when the configuration is unchanged.
+    fn prepare_reload(&self) -> anyhow::Result<Option<Reloaded>> {
+        let new = config::load(&self.config_path)?;
+        if new == self.settings {
+            return Ok(None);
+        }
+        let watcher = new_watcher(&new)?;
+        let lock = if new.agent.state_dir == self.lock.dir {
+            None
+        } else {
+            Some(lock_state_dir(&new)?)
+        };
+        Ok(Some(Reloaded {
+            settings: new,
+            watcher,
+            lock,
+        }))
     }
 
     fn persist(&mut self) {
@@ -696,6 +725,36 @@ impl Agent {
             }
         }
         Ok(())
+    }
+}
+
+/// A validated new configuration, ready to swap in.
+struct Reloaded {
+    settings: Settings,
+    watcher: Watcher,
+    lock: Option<state::StateLock>,
+}
+
+/// One agent per state directory: a second one would restart the same
+/// units again and overwrite the first one's state.
+fn lock_state_dir(settings: &Settings) -> anyhow::Result<state::StateLock> {
+    let dir = &settings.agent.state_dir;
+    match state::try_lock(dir)? {
+        Some(lock) => Ok(lock),
+        None => {
+            let holder = state::load(dir)
+                .ok()
+                .and_then(|s| s.agent.running_pid())
+                .map_or_else(
+                    || "another process".to_string(),
+                    |pid| format!("the cred-watch agent with PID {pid}"),
+                );
+            anyhow::bail!(
+                "state_dir {} is in use: {holder} holds {}; one agent per state_dir (stop it first, or give this one its own [agent] state_dir)",
+                dir.display(),
+                dir.join(state::LOCK_FILE).display()
+            )
+        }
     }
 }
 

@@ -19,6 +19,17 @@ pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::R
         }
     }
     let dir = &settings.agent.state_dir;
+    // Held until the pass ends. A running agent holds it for its whole
+    // life: then it does the pass, so a unit is never restarted twice for
+    // one change and neither overwrites the other's state.
+    let _lock = if dry_run {
+        None
+    } else {
+        match state::try_lock(dir)? {
+            Some(lock) => Some(lock),
+            None => return sync_by_agent(settings, only),
+        }
+    };
     let mut st = state::load(dir).unwrap_or_else(|e| {
         log::warn!("{e}");
         Default::default()
@@ -144,6 +155,74 @@ pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::R
             "problems (sync)".into()
         });
         state::save(dir, &st)?;
+    }
+    Ok(if healthy { 0 } else { 1 })
+}
+
+/// `sync` while the agent runs: ask it for a full reconcile (SIGUSR1),
+/// wait until its state file records one, and report from that.
+fn sync_by_agent(settings: &Settings, only: Option<&str>) -> anyhow::Result<i32> {
+    let dir = &settings.agent.state_dir;
+    let load = || state::load(dir).map_err(anyhow::Error::msg);
+    // A starting agent holds the lock a moment before it records its PID.
+    let mut pid = None;
+    for _ in 0..40 {
+        pid = load()?.agent.running_pid();
+        if pid.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(pid) = pid else {
+        bail!(
+            "{} is held by a process that is not a recorded cred-watch agent; not syncing",
+            dir.join(state::LOCK_FILE).display()
+        );
+    };
+    let asked = now_ms();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .map_err(|e| anyhow::anyhow!("signalling the agent (PID {pid}): {e}"))?;
+    println!("the agent (PID {pid}) is running: asked it to reconcile (SIGUSR1)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = load()?;
+        if st.agent.last_reconcile_ms.is_some_and(|t| t >= asked) {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the agent (PID {pid}) did not record a reconcile within 10s; see `journalctl -u cred-watch`");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut healthy = true;
+    for w in settings
+        .watches
+        .iter()
+        .filter(|w| only.is_none_or(|n| n == w.name))
+    {
+        let rec = st.watches.get(&w.name).cloned().unwrap_or_default();
+        if std::fs::symlink_metadata(&w.source).is_err() {
+            println!("{}: {} is absent", w.name, w.source.display());
+            healthy = false;
+        } else if let Some(problem) = rec.last_error.as_ref().or(rec.last_refusal.as_ref()) {
+            println!("{}: {problem}", w.name);
+            healthy = false;
+        } else {
+            println!(
+                "{}: in sync ({}); last action: {}",
+                w.name,
+                rec.short_fingerprint().unwrap_or("nothing applied"),
+                rec.last_action.as_deref().unwrap_or("none")
+            );
+        }
+        for unit in w.restart.iter().flat_map(|r| &r.units) {
+            if st.units.get(unit).is_some_and(|u| u.pending) {
+                println!("{}: restart of {unit} pending in the agent", w.name);
+            }
+        }
     }
     Ok(if healthy { 0 } else { 1 })
 }

@@ -607,7 +607,7 @@ fn check_path_units(r: &mut Report, settings: &Settings, query: &mut dyn UnitQue
 }
 
 fn check_agent(r: &mut Report, state: &State) {
-    let running = state.agent.pid.filter(|pid| comm(*pid) == "cred-watch");
+    let running = state.agent.running_pid();
     let last = match (
         state.agent.last_reconcile_ms,
         &state.agent.last_reconcile_result,

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const STATE_FILE: &str = "state.json";
+/// Held (flock) by the running agent for its whole life, so a second agent
+/// or a `sync` cannot act on the same state behind its back.
+pub const LOCK_FILE: &str = "lock";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -28,6 +31,17 @@ pub struct AgentRecord {
     pub started_at_ms: Option<i64>,
     pub last_reconcile_ms: Option<i64>,
     pub last_reconcile_result: Option<String>,
+}
+
+impl AgentRecord {
+    /// The recorded agent's PID if that process is still a cred-watch (a
+    /// PID alone may have been reused by anything since).
+    pub fn running_pid(&self) -> Option<u32> {
+        self.pid.filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "cred-watch")
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -103,6 +117,38 @@ pub fn load(dir: &Path) -> Result<State, String> {
             .map_err(|e| format!("{}: unreadable state ({e}); starting fresh", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
         Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The agent's exclusive hold on a state directory; released when dropped
+/// (or when the process dies, however it dies).
+#[derive(Debug)]
+pub struct StateLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    pub dir: PathBuf,
+}
+
+/// Takes the state directory's lock without waiting (creating the directory
+/// 0700 and the lock file 0600 if needed). `Ok(None)`: another process holds it.
+pub fn try_lock(dir: &Path) -> Result<Option<StateLock>, FsError> {
+    use nix::fcntl::{openat, Flock, FlockArg, OFlag};
+    let dir_fd = fsutil::ensure_dir(dir, 0o700, None, None)?;
+    let path = dir.join(LOCK_FILE);
+    let flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = openat(
+        dir_fd.as_fd(),
+        LOCK_FILE,
+        flags,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| FsError::io(&path, "open", e))?;
+    match Flock::lock(std::fs::File::from(fd), FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(StateLock {
+            _lock: lock,
+            dir: dir.to_path_buf(),
+        })),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(FsError::io(&path, "flock", e)),
     }
 }
 

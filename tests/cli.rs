@@ -300,3 +300,64 @@ fn journald_logging_has_priority_prefixes_and_no_timestamps() {
 fn env_record() -> &'static str {
     "CRED_WATCH_TEST_RESTART_LOG"
 }
+
+/// One agent per state_dir; `sync` next to a running agent asks it to do the
+/// pass, so one change still restarts the unit exactly once.
+#[test]
+fn sync_next_to_a_running_agent_is_done_by_it_and_a_second_agent_is_refused() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&fixture("good.toml").replace("\"100ms\"", "\"300ms\""));
+    let cfg = config.to_str().unwrap();
+    let agent = Agent::start(&env, &config);
+
+    let mut second = std::process::Command::new(BIN)
+        .args(["run", "--config", cfg])
+        .env(RECORD, env.restart_log())
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exited = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            exited = second.try_wait().unwrap();
+            exited.is_some()
+        }),
+        "a second agent on the same state_dir kept running"
+    );
+    second.kill().ok();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(exited.unwrap().code(), Some(1), "{err}");
+    assert!(
+        err.contains("is in use: the cred-watch agent with PID")
+            && err.contains(&format!("PID {} holds", agent.pid())),
+        "{err}"
+    );
+
+    // A change and a sync at once: the agent applies it, restarts once.
+    write_atomic(&src, &creds(2));
+    let (code, out, _) = env.cmd(&["sync", "--config", cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("asked it to reconcile"), "{out}");
+    assert!(out.contains("claude: in sync"), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(5), || !env.restarts().is_empty()),
+        "{}",
+        agent.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(env.restarts(), ["bridge.service"], "{}", agent.stderr());
+
+    write_atomic(&src, "{\"claudeAiOauth\":");
+    let (code, out, _) = env.cmd(&["sync", "--config", cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refused: invalid JSON"), "{out}");
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    env.assert_state_clean();
+}

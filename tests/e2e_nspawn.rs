@@ -281,6 +281,20 @@ fn e2e_on_real_systemd() {
     );
     assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
 
+    // `sync` next to the running service: the agent does the pass.
+    let starts = c.bridge_starts();
+    let (code, out, _) = c.sh("cred-watch sync");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("asked it to reconcile"), "{out}");
+    assert_eq!(
+        c.bridge_starts(),
+        starts,
+        "nothing changed, nothing restarted"
+    );
+    let (code, _, err) = c.sh("timeout 10 cred-watch run");
+    assert_eq!(code, 1, "a second agent is refused: {err}");
+    assert!(err.contains("is in use"), "{err}");
+
     // With WatchdogSec= the agent pings at half the interval; systemd would
     // kill and restart it otherwise.
     c.ok("mkdir -p /etc/systemd/system/cred-watch.service.d && printf '[Service]\\nWatchdogSec=2s\\n' > /etc/systemd/system/cred-watch.service.d/watchdog.conf");

@@ -87,7 +87,7 @@ impl Env {
     }
 }
 
-const RECORD: &str = "CRED_WATCH_TEST_RESTART_LOG";
+pub const RECORD: &str = "CRED_WATCH_TEST_RESTART_LOG";
 
 pub fn assert_no_secret(text: &str, what: &str) {
     assert!(!text.contains("sk-ant-"), "{what} leaks a token:\n{text}");
