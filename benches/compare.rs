@@ -176,43 +176,79 @@ fn stats(s: &mut Samples) -> (f64, f64, usize) {
     (p(0.5), p(0.99), s.lost)
 }
 
-/// CPU seconds used so far by every process of a process group (children
-/// that were reaped count through cutime/cstime).
-fn cpu_seconds_of_group(pgid: u32) -> f64 {
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let mut total = 0.0;
+/// The fields after "(comm) " of each process in process group `pgid`:
+/// state ppid pgrp session … utime(11) stime(12) cutime(13) cstime(14).
+fn group_stats(pgid: u32) -> Vec<(u32, Vec<String>)> {
+    let mut out = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
         let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
             continue;
         };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // After "(comm) ": state ppid pgrp session … utime(12) stime(13) cutime(14) cstime(15)
+        let f: Vec<String> = rest.split_whitespace().map(String::from).collect();
         if f.get(2).and_then(|p| p.parse::<u32>().ok()) == Some(pgid) {
-            total += f[11..15]
+            out.push((pid, f));
+        }
+    }
+    out
+}
+
+/// CPU seconds used so far by every process of a process group (children
+/// that were reaped count through cutime/cstime).
+fn cpu_seconds_of_group(pgid: u32) -> f64 {
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    group_stats(pgid)
+        .iter()
+        .map(|(_, f)| {
+            f[11..15]
                 .iter()
                 .map(|x| x.parse::<f64>().unwrap_or(0.0))
                 .sum::<f64>()
-                / tick;
-        }
-    }
-    total
+                / tick
+        })
+        .sum()
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/PID/status` field in KiB (VmRSS, RssAnon, …).
+fn status_kib(pid: u32, field: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
+                .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
                 .split_whitespace()
                 .nth(1)?
                 .parse()
                 .ok()
         })
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// Idle memory of a whole contender (a script is several processes):
+/// processes, VmRSS and RssAnon summed over its process group.
+#[derive(Clone, Copy, Default)]
+struct Memory {
+    processes: usize,
+    rss: u64,
+    anon: u64,
+}
+
+fn group_memory(pgid: u32) -> Memory {
+    let pids = group_stats(pgid);
+    Memory {
+        processes: pids.len(),
+        rss: pids.iter().map(|(p, _)| status_kib(*p, "VmRSS")).sum(),
+        anon: pids.iter().map(|(p, _)| status_kib(*p, "RssAnon")).sum(),
+    }
 }
 
 fn switches(pid: u32) -> u64 {
@@ -351,9 +387,15 @@ fn main() {
     let perms = |d: &Path| {
         format!("[[watch]]\nname = \"b\"\nsource = \"{}/claude/{NAME}\"\n[watch.permissions]\nfile_mode = \"0644\"\n", d.display())
     };
+    // 5. idle memory of each contender, side by side, after its latency run.
+    let mut idle_memory: Vec<(&str, Memory)> = Vec::new();
+    let settled_memory = |p: &Proc| {
+        std::thread::sleep(Duration::from_millis(1500));
+        group_memory(p.id())
+    };
     {
         let d = fresh_dir(base, "floor");
-        let _p = floor_watcher(&me, &d.join("claude"));
+        let p = floor_watcher(&me, &d.join("claude"));
         let (p50, p99, lost) = stats(&mut mode_latency(iters, &d.join("claude")));
         rows.push(Row {
             scenario: "1 rename → mode 0644",
@@ -362,6 +404,10 @@ fn main() {
             p99,
             lost,
         });
+        idle_memory.push((
+            "floor: inotify + fchmod loop (the bench binary)",
+            settled_memory(&p),
+        ));
     }
     let cw_idle;
     {
@@ -381,11 +427,12 @@ fn main() {
         let before = switches(p.id());
         std::thread::sleep(Duration::from_secs(idle_secs));
         cw_idle = (switches(p.id()) - before, rss_kib(p.id()));
+        idle_memory.push(("cred-watch", group_memory(p.id())));
     }
     {
         let d = fresh_dir(base, "script-mode");
         let c = d.join("claude");
-        let _p = script(&format!(
+        let p = script(&format!(
             "inotifywait -m -q -e moved_to,close_write --format %f '{0}' | while read -r f; do [ \"$f\" = {NAME} ] && chmod 644 '{0}/{NAME}'; done",
             c.display()
         ));
@@ -397,6 +444,7 @@ fn main() {
             p99,
             lost,
         });
+        idle_memory.push(("inotifywait | while read; chmod", settled_memory(&p)));
     }
 
     // 2. rename → copy in place (fsync'd by cred-watch).
@@ -563,10 +611,24 @@ fn main() {
         );
     }
     let size = fs::metadata(&bin).map(|m| m.len() / 1024).unwrap_or(0);
-    let idle = format!(
-        "\n### 5. Idle\n\ncred-watch idle for {idle_secs} s (resync off, no watchdog): **{} context switches** (all threads); RSS {} KiB; stripped binary {size} KiB.\n",
+    let mut idle = format!(
+        "\n### 5. Idle\n\ncred-watch idle for {idle_secs} s (resync off, no watchdog): **{} context switches** (all threads); RSS {} KiB; stripped binary {size} KiB.\n\nIdle memory side by side (summed over each contender's processes):\n\n| contender | processes | VmRSS KiB | RssAnon KiB | VmRSS vs cred-watch |\n|---|---:|---:|---:|---:|\n",
         cw_idle.0, cw_idle.1
     );
+    let cw_rss = idle_memory
+        .iter()
+        .find(|(n, _)| *n == "cred-watch")
+        .map_or(1, |(_, m)| m.rss.max(1));
+    for (name, m) in &idle_memory {
+        let _ = writeln!(
+            idle,
+            "| {name} | {} | {} | {} | {:.2}× |",
+            m.processes,
+            m.rss,
+            m.anon,
+            m.rss as f64 / cw_rss as f64
+        );
+    }
     let full = format!("{head}{idle}{report}\n{}\n", notes.join("\n"));
     println!("{full}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");

@@ -32,6 +32,10 @@ struct Runtime {
     warned_fp: Option<String>,
     expiry_warned: Option<i64>,
     expiry_errored: Option<i64>,
+    /// `expiresAt` last applied (mirrors the state record), kept here so
+    /// the per-iteration timer scan does no map lookups: with 1,000 watches
+    /// those string compares were most of an event's cost.
+    expires_at: Option<i64>,
 }
 
 pub struct Agent {
@@ -95,11 +99,7 @@ impl Agent {
         let watchdog = notify::watchdog_interval();
         Ok(Agent {
             config_path,
-            rt: settings
-                .watches
-                .iter()
-                .map(|_| Runtime::default())
-                .collect(),
+            rt: runtimes(&settings, &state),
             sched: Scheduler::new(settings.agent.settle),
             settings,
             watcher,
@@ -368,6 +368,7 @@ impl Agent {
         if v.content_changed {
             let first = rec.fingerprint.is_none();
             rec.set_applied(v.fingerprint, v.expires_at);
+            rt.expires_at = v.expires_at;
             rt.expiry_warned = None;
             rt.expiry_errored = None;
             let action = format!("applied {fp}{expiry}: {changes}");
@@ -414,9 +415,11 @@ impl Agent {
 
     /// Expiry of the token last applied, as (deadline for warning, for error).
     fn expiry_deadlines(&self, n: usize) -> Option<(i64, i64)> {
-        let w = &self.settings.watches[n];
-        let exp = self.state.watches.get(&w.name)?.expires_at_ms?;
-        Some((exp - w.expiry_warning.as_millis() as i64, exp))
+        let exp = self.rt[n].expires_at?;
+        Some((
+            exp - self.settings.watches[n].expiry_warning.as_millis() as i64,
+            exp,
+        ))
     }
 
     fn check_timers(&mut self) {
@@ -487,17 +490,27 @@ impl Agent {
     fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
         let wall = now_ms();
-        let mut next: Vec<Instant> = Vec::new();
-        next.extend(self.sched.next_deadline());
-        next.extend(self.next_resync);
-        next.extend(self.next_watchdog);
-        next.extend(self.persist_due());
+        let mut next: Option<Instant> = None;
+        let mut push = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
+        for at in [
+            self.sched.next_deadline(),
+            self.next_resync,
+            self.next_watchdog,
+            self.persist_due(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            push(at);
+        }
         for (n, rt) in self.rt.iter().enumerate() {
             let w = &self.settings.watches[n];
             if let (Some(since), false) = (rt.absent_since, rt.logout_warned) {
-                next.push(since + w.deletion_grace);
+                push(since + w.deletion_grace);
             }
-            next.extend(rt.retry_at);
+            if let Some(at) = rt.retry_at {
+                push(at);
+            }
             if let Some((warn_at, exp)) = self.expiry_deadlines(n) {
                 let at = if rt.expiry_warned != Some(exp) && wall < warn_at {
                     Some(warn_at)
@@ -507,11 +520,11 @@ impl Agent {
                     None
                 };
                 if let Some(at) = at {
-                    next.push(now + Duration::from_millis((at - wall).max(0) as u64));
+                    push(now + Duration::from_millis((at - wall).max(0) as u64));
                 }
             }
         }
-        next.into_iter().min()
+        next
     }
 
     fn restart_outcomes(&mut self) {
@@ -563,7 +576,7 @@ impl Agent {
             })) => {
                 crate::logging::set_level(new.agent.log_level.filter());
                 self.sched.set_settle(new.agent.settle);
-                self.rt = new.watches.iter().map(|_| Runtime::default()).collect();
+                self.rt = runtimes(&new, &self.state);
                 self.watcher = watcher;
                 if let Some(lock) = lock {
                     self.lock = lock;
@@ -726,6 +739,18 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Fresh per-watch memory, seeded with what the state knows.
+fn runtimes(settings: &Settings, state: &State) -> Vec<Runtime> {
+    settings
+        .watches
+        .iter()
+        .map(|w| Runtime {
+            expires_at: state.watches.get(&w.name).and_then(|r| r.expires_at_ms),
+            ..Runtime::default()
+        })
+        .collect()
 }
 
 /// A validated new configuration, ready to swap in.
