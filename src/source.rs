@@ -70,7 +70,7 @@ pub fn read_source(
         if let Some(why) = unsafe_reason(&before, owner) {
             return Ok(ReadOutcome::Refused(why));
         }
-        let bytes = read_all(&fd, &path)?;
+        let bytes = read_all(&fd, &path, before.st_size.max(0) as usize)?;
         let after = fstat(&fd).map_err(|e| FsError::io(&path, "fstat", e))?;
         let stable = before.st_size == after.st_size
             && before.st_mtime == after.st_mtime
@@ -120,12 +120,20 @@ fn unsafe_reason(st: &FileStat, owner: Option<u32>) -> Option<String> {
     None
 }
 
-fn read_all(fd: &OwnedFd, path: &Path) -> Result<Secret, FsError> {
-    let mut buf = vec![0u8; MAX_SIZE + 1];
+/// Reads up to one byte more than the `expected` size, so a file that grew
+/// shows up as a length mismatch. A short read is the end of a regular file;
+/// anything else the caller's size check catches.
+fn read_all(fd: &OwnedFd, path: &Path, expected: usize) -> Result<Secret, FsError> {
+    let mut buf = vec![0u8; expected.min(MAX_SIZE) + 1];
     let mut len = 0;
     while len < buf.len() {
+        let want = buf.len() - len;
         match nix::sys::uio::pread(fd, &mut buf[len..], len as i64) {
             Ok(0) => break,
+            Ok(n) if n < want => {
+                len += n;
+                break;
+            }
             Ok(n) => len += n,
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(FsError::io(path, "read", e)),

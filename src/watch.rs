@@ -178,37 +178,33 @@ impl Watcher {
         }
     }
 
-    /// Reads pending events (non-blocking) and maps them to changes.
+    /// Reads one buffer of pending events (non-blocking) and maps them to
+    /// changes. One read per call: whatever is left keeps the fd readable
+    /// for the next poll, and the common single event costs no extra
+    /// read that only returns EAGAIN.
     pub fn read(&mut self) -> std::io::Result<Vec<Change>> {
         let mut changes = Vec::new();
-        loop {
-            let events = match self.inotify.read_events(&mut self.buf) {
-                Ok(events) => events,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            let mut any = false;
-            for ev in events {
-                any = true;
-                if ev.mask.contains(EventMask::Q_OVERFLOW) {
-                    changes.push(Change::Overflow);
-                    continue;
-                }
-                let Some(users) = self.wds.get(&ev.wd) else {
-                    continue;
-                };
-                if ev.mask.contains(EventMask::IGNORED) {
-                    // The kernel dropped this watch (directory deleted).
-                    let users = self.wds.remove(&ev.wd).unwrap_or_default();
-                    changes.extend(users.into_iter().map(Change::Rearm));
-                    continue;
-                }
-                for &n in users {
-                    changes.extend(classify(&self.slots[n], n, &ev.wd, ev.mask, ev.name));
-                }
+        let events = match self.inotify.read_events(&mut self.buf) {
+            Ok(events) => events,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(changes),
+            Err(e) => return Err(e),
+        };
+        for ev in events {
+            if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                changes.push(Change::Overflow);
+                continue;
             }
-            if !any {
-                break;
+            let Some(users) = self.wds.get(&ev.wd) else {
+                continue;
+            };
+            if ev.mask.contains(EventMask::IGNORED) {
+                // The kernel dropped this watch (directory deleted).
+                let users = self.wds.remove(&ev.wd).unwrap_or_default();
+                changes.extend(users.into_iter().map(Change::Rearm));
+                continue;
+            }
+            for &n in users {
+                changes.extend(classify(&self.slots[n], n, &ev.wd, ev.mask, ev.name));
             }
         }
         Ok(changes)
