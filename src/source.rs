@@ -142,3 +142,28 @@ fn read_all(fd: &OwnedFd, path: &Path, expected: usize) -> Result<Secret, FsErro
     buf.truncate(len);
     Ok(Secret(buf))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, OwnedFd) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        let fd = OwnedFd::from(f.reopen().unwrap());
+        (f, fd)
+    }
+
+    #[test]
+    fn read_all_reads_to_the_end_and_shows_growth_as_one_extra_byte() {
+        let (f, fd) = file_with(b"0123456789");
+        let read = |expected| read_all(&fd, f.path(), expected).unwrap().0;
+        assert_eq!(read(10), b"0123456789", "the size fstat gave");
+        assert_eq!(read(20), b"0123456789", "shrunk: a short read is the end");
+        // Grew since fstat: one byte more than expected, so the caller's
+        // length check refuses this read and tries again.
+        assert_eq!(read(5), b"012345");
+        assert_eq!(read(0), b"0");
+    }
+}

@@ -115,6 +115,29 @@ fn expiry_warns_once_then_errors_once() {
     agent.stop();
 }
 
+/// The expiry to watch for comes from the state when nothing changed while
+/// the agent was down.
+#[test]
+fn expiry_warning_survives_an_agent_restart() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds_exp(1, now_ms() + 4_000));
+    let config = env.config(&standard_config(&format!(
+        "expiry_warning = \"2s\"\n{COPY}"
+    )));
+    let (status, first) = Agent::start(&env, &config).stop();
+    assert!(status.success());
+    assert!(!first.contains("is anything refreshing it?"), "{first}");
+    let agent = Agent::start(&env, &config);
+    assert!(
+        agent.wait_log("is anything refreshing it?", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+}
+
 #[test]
 fn tampered_copy_is_restored_on_sigusr1_and_resync() {
     let env = Env::new();
