@@ -207,10 +207,7 @@ impl Agent {
             .iter()
             .filter_map(|w| {
                 let rec = self.state.watches.get(&w.name)?;
-                rec.last_error
-                    .as_ref()
-                    .or(rec.last_refusal.as_ref())
-                    .map(|p| format!("{}: {p}", w.name))
+                rec.problem().map(|p| format!("{}: {p}", w.name))
             })
             .collect();
         self.state.agent.last_reconcile_result = Some(if problems.is_empty() {

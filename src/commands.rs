@@ -207,7 +207,7 @@ fn sync_by_agent(settings: &Settings, only: Option<&str>) -> anyhow::Result<i32>
         if std::fs::symlink_metadata(&w.source).is_err() {
             println!("{}: {} is absent", w.name, w.source.display());
             healthy = false;
-        } else if let Some(problem) = rec.last_error.as_ref().or(rec.last_refusal.as_ref()) {
+        } else if let Some(problem) = rec.problem() {
             println!("{}: {problem}", w.name);
             healthy = false;
         } else {

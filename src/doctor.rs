@@ -543,9 +543,7 @@ fn check_unit(r: &mut Report, w: &WatchSettings, unit: &str, info: &crate::syste
 }
 
 fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
+    crate::state::process_name(pid).unwrap_or_else(|| "?".into())
 }
 
 /// Files a process holds open that have been deleted (or replaced by rename).

@@ -37,11 +37,16 @@ impl AgentRecord {
     /// The recorded agent's PID if that process is still a cred-watch (a
     /// PID alone may have been reused by anything since).
     pub fn running_pid(&self) -> Option<u32> {
-        self.pid.filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "cred-watch")
-        })
+        self.pid
+            .filter(|pid| process_name(*pid).is_some_and(|c| c == "cred-watch"))
     }
+}
+
+/// A process's command name (`/proc/PID/comm`), if it exists.
+pub fn process_name(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -80,6 +85,12 @@ impl WatchRecord {
         self.fingerprint = Some(fp.hex());
         self.expires_at_ms = expires_at;
         self.applied_at_ms = Some(now_ms());
+    }
+
+    /// What is wrong with this watch now: the last error, else the last
+    /// refusal (both are cleared when a file is applied).
+    pub fn problem(&self) -> Option<&String> {
+        self.last_error.as_ref().or(self.last_refusal.as_ref())
     }
 
     pub fn short_fingerprint(&self) -> Option<&str> {

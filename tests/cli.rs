@@ -313,25 +313,14 @@ fn sync_next_to_a_running_agent_is_done_by_it_and_a_second_agent_is_refused() {
     let cfg = config.to_str().unwrap();
     let agent = Agent::start(&env, &config);
 
-    let mut second = std::process::Command::new(BIN)
-        .args(["run", "--config", cfg])
-        .env(RECORD, env.restart_log())
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut exited = None;
+    let mut second = Agent::spawn(&env, &config, &[]);
+    let exited = second.exited_within(Duration::from_secs(10));
+    let err = second.stderr();
+    assert_no_secret(&err, "second agent stderr");
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            exited = second.try_wait().unwrap();
-            exited.is_some()
-        }),
-        "a second agent on the same state_dir kept running"
+        exited.is_some(),
+        "a second agent on the same state_dir kept running:\n{err}"
     );
-    second.kill().ok();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(exited.unwrap().code(), Some(1), "{err}");
     assert!(
         err.contains("is in use: the cred-watch agent with PID")

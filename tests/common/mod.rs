@@ -87,7 +87,7 @@ impl Env {
     }
 }
 
-pub const RECORD: &str = "CRED_WATCH_TEST_RESTART_LOG";
+const RECORD: &str = "CRED_WATCH_TEST_RESTART_LOG";
 
 pub fn assert_no_secret(text: &str, what: &str) {
     assert!(!text.contains("sk-ant-"), "{what} leaks a token:\n{text}");
@@ -184,6 +184,17 @@ impl Agent {
     }
 
     pub fn start_with(env: &Env, config: &Path, extra_env: &[(&str, &str)]) -> Agent {
+        let agent = Self::spawn(env, config, extra_env);
+        assert!(
+            agent.wait_log("ready:", Duration::from_secs(10)),
+            "agent did not become ready:\n{}",
+            agent.stderr()
+        );
+        agent
+    }
+
+    /// Starts `cred-watch run` without waiting for it to become ready.
+    pub fn spawn(env: &Env, config: &Path, extra_env: &[(&str, &str)]) -> Agent {
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = env.path(&format!("agent-{n}.log"));
         let mut cmd = Command::new(BIN);
@@ -197,16 +208,21 @@ impl Agent {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let agent = Agent {
+        Agent {
             child: Some(cmd.spawn().unwrap()),
             log,
-        };
-        assert!(
-            agent.wait_log("ready:", Duration::from_secs(10)),
-            "agent did not become ready:\n{}",
-            agent.stderr()
-        );
-        agent
+        }
+    }
+
+    /// Its exit status once it has exited by itself within `timeout`.
+    pub fn exited_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().unwrap();
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
     }
 
     pub fn pid(&self) -> i32 {
