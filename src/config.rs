@@ -169,6 +169,7 @@ struct RawWatch {
     deletion_grace: Option<Dur>,
     expiry_warning: Option<Dur>,
     allow_rollback: Option<bool>,
+    max_lifetime: Option<Dur>,
     permissions: Option<RawPermissions>,
     copy: Option<Vec<RawCopy>>,
     restart: Option<RawRestart>,
@@ -188,6 +189,7 @@ struct RawCopy {
     owner: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     mode: Option<FileMode>,
+    dir_mode: Option<FileMode>,
     #[serde(default)]
     drop_keys: Vec<String>,
 }
@@ -252,6 +254,9 @@ pub struct WatchSettings {
     #[serde(serialize_with = "ser_dur")]
     pub expiry_warning: Duration,
     pub allow_rollback: bool,
+    /// Longest accepted distance from now to `expiresAt`.
+    #[serde(serialize_with = "ser_dur")]
+    pub max_lifetime: Duration,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub permissions: Option<PermissionSettings>,
     #[serde(rename = "copy", skip_serializing_if = "Vec::is_empty")]
@@ -264,6 +269,14 @@ impl WatchSettings {
     /// The directory that holds the source and the source's file name.
     pub fn source_dir_and_name(&self) -> (&Path, &std::ffi::OsStr) {
         split_file(&self.source)
+    }
+
+    /// The validation rules that depend on this watch's settings.
+    pub fn policy(&self) -> crate::validate::Policy {
+        crate::validate::Policy {
+            allow_rollback: self.allow_rollback,
+            max_lifetime: self.max_lifetime,
+        }
     }
 }
 
@@ -304,6 +317,9 @@ pub struct CopySettings {
     pub group: Option<Account>,
     #[serde(serialize_with = "ser_mode")]
     pub mode: u32,
+    /// Mode of the directories the agent creates for this copy.
+    #[serde(serialize_with = "ser_mode")]
+    pub dir_mode: u32,
     pub drop_keys: Vec<String>,
 }
 
@@ -520,6 +536,7 @@ fn merge(merged: &mut Merged, raw: RawFile, index: usize, src: &Source) -> Resul
                 m.deletion_grace = w.deletion_grace.or(m.deletion_grace);
                 m.expiry_warning = w.expiry_warning.or(m.expiry_warning);
                 m.allow_rollback = w.allow_rollback.or(m.allow_rollback);
+                m.max_lifetime = w.max_lifetime.or(m.max_lifetime);
                 m.permissions = match (w.permissions, m.permissions.take()) {
                     (Some(new), Some(old)) => Some(RawPermissions {
                         file_mode: new.file_mode.or(old.file_mode),
@@ -671,6 +688,7 @@ fn validate(merged: Merged, sources: &[Source]) -> Result<Settings, ConfigError>
                 owner,
                 group,
                 mode: c.mode.map_or(0o640, |m| m.0),
+                dir_mode: c.dir_mode.map_or(0o755, |m| m.0),
                 drop_keys: c.drop_keys,
             });
         }
@@ -729,6 +747,9 @@ fn validate(merged: Merged, sources: &[Source]) -> Result<Settings, ConfigError>
                 .expiry_warning
                 .map_or(Duration::from_secs(30 * 60), |d| d.0),
             allow_rollback: w.allow_rollback.unwrap_or(false),
+            max_lifetime: w
+                .max_lifetime
+                .map_or(Duration::from_secs(31 * 24 * 3600), |d| d.0),
             permissions,
             copies,
             restart,

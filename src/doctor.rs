@@ -204,13 +204,7 @@ fn check_source(r: &mut Report, w: &WatchSettings, state: &State) -> Option<(Sec
         Ok(ReadOutcome::Ok(file)) => file,
     };
     let last = state.watches.get(&w.name).and_then(|rec| rec.applied());
-    match validate::validate(
-        w.format,
-        &file.bytes.0,
-        now_ms(),
-        last.as_ref(),
-        w.allow_rollback,
-    ) {
+    match validate::validate(w.format, &file.bytes.0, now_ms(), last.as_ref(), w.policy()) {
         Err(refusal) => {
             let fix = match refusal {
                 Refusal::Expired(_) => "nothing refreshed the token: run the CLI (it refreshes on use) or /login",

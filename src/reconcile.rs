@@ -64,7 +64,7 @@ pub fn reconcile(
         &file.bytes.0,
         crate::state::now_ms(),
         last,
-        w.allow_rollback,
+        w.policy(),
     ) {
         Ok(v) => v,
         Err(r) => return Ok(Reconciled::Invalid(r)),

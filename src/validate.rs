@@ -124,6 +124,14 @@ impl fmt::Debug for Validated {
 pub const ACCESS_PREFIX: &str = "sk-ant-oat01-";
 pub const REFRESH_PREFIX: &str = "sk-ant-ort01-";
 
+/// The per-watch rules validation follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub allow_rollback: bool,
+    /// Longest accepted distance from now to `expiresAt`.
+    pub max_lifetime: std::time::Duration,
+}
+
 /// Validates `bytes` per `format`. `now_ms` is the current time; `last` is
 /// what was applied before (for rollback refusal).
 pub fn validate(
@@ -131,8 +139,9 @@ pub fn validate(
     bytes: &[u8],
     now_ms: i64,
     last: Option<&Applied>,
-    allow_rollback: bool,
+    policy: Policy,
 ) -> Result<Validated, Refusal> {
+    let allow_rollback = policy.allow_rollback;
     match format {
         Format::Any => Ok(Validated {
             fingerprint: Fingerprint::of(bytes),
@@ -309,8 +318,17 @@ mod tests {
         creds("sk-ant-oat01-AAAA", "sk-ant-ort01-BBBB", exp)
     }
 
+    const STRICT: Policy = Policy {
+        allow_rollback: false,
+        max_lifetime: std::time::Duration::from_secs(31 * 24 * 3600),
+    };
+    const LAX: Policy = Policy {
+        allow_rollback: true,
+        ..STRICT
+    };
+
     fn check(s: &str) -> Result<Validated, Refusal> {
-        validate(Format::ClaudeOauth, s.as_bytes(), NOW, None, false)
+        validate(Format::ClaudeOauth, s.as_bytes(), NOW, None, STRICT)
     }
 
     #[test]
@@ -369,7 +387,7 @@ mod tests {
             older.as_bytes(),
             NOW,
             Some(&last),
-            false,
+            STRICT,
         );
         assert_eq!(
             r.unwrap_err(),
@@ -378,21 +396,14 @@ mod tests {
                 last: NOW + 5000
             }
         );
-        assert!(validate(
-            Format::ClaudeOauth,
-            older.as_bytes(),
-            NOW,
-            Some(&last),
-            true
-        )
-        .is_ok());
+        assert!(validate(Format::ClaudeOauth, older.as_bytes(), NOW, Some(&last), LAX).is_ok());
         // The same credential again is not a rollback.
         assert!(validate(
             Format::ClaudeOauth,
             good(NOW + 5000).as_bytes(),
             NOW,
             Some(&last),
-            false
+            STRICT
         )
         .is_ok());
     }

@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let last = Applied { fingerprint: validate::Fingerprint::of(b"x"), expires_at: Some(now + 1_000) };
     for format in [Format::ClaudeOauth, Format::Json, Format::Any] {
         for prior in [None, Some(&last)] {
-            match validate::validate(format, data, now, prior, false) {
+            match validate::validate(format, data, now, prior, validate::Policy { allow_rollback: false, max_lifetime: std::time::Duration::from_secs(31 * 24 * 3600) }) {
                 Ok(v) => {
                     assert!(!format!("{v:?}").contains("sk-ant-"));
                     let payload = validate::copy_payload(data, &v, &["mcpOAuth".to_string()]);
