@@ -2,6 +2,7 @@
 //! completions, with deadlines for settle, deletion grace, expiry warnings,
 //! retries and resync. Nothing wakes it while idle.
 
+use crate::clock;
 use crate::config::{self, Settings};
 use crate::notify::{self, Notifier};
 use crate::reconcile::{reconcile, Reconciled, Valid};
@@ -88,13 +89,7 @@ pub fn run(
 impl Agent {
     fn new(config_path: PathBuf, settings: Settings, worker: Worker) -> anyhow::Result<Agent> {
         let lock = lock_state_dir(&settings)?;
-        let state = match state::load(&settings.agent.state_dir) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("{e}");
-                State::default()
-            }
-        };
+        let state = state::load_or_fresh(&settings.agent.state_dir)?;
         let watcher = new_watcher(&settings)?;
         let watchdog = notify::watchdog_interval();
         Ok(Agent {
@@ -159,7 +154,7 @@ impl Agent {
             for unit in &r.units {
                 let rec = self.state.units.get(unit).cloned().unwrap_or_default();
                 let last_start = rec.last_restart_ms.and_then(|ms| {
-                    let ago = Duration::from_millis(now_wall.saturating_sub(ms).max(0) as u64);
+                    let ago = clock::between_ms(ms, now_wall);
                     now.checked_sub(ago)
                 });
                 if rec.pending {
@@ -217,7 +212,7 @@ impl Agent {
         });
         self.dirty = true;
         if let Some(every) = nonzero(self.settings.agent.resync_interval) {
-            self.next_resync = Some(Instant::now() + every);
+            self.next_resync = Some(clock::later(Instant::now(), every));
         }
     }
 
@@ -254,6 +249,11 @@ impl Agent {
                 self.fail(n, msg);
             }
             Ok(Reconciled::Absent) => self.source_absent(n, now),
+            Ok(Reconciled::Busy(why)) => debug!(
+                "{}: {} {why}; its writer's next event brings it back",
+                w.name,
+                w.source.display()
+            ),
             Ok(Reconciled::Unsafe(msg)) => self.refuse(n, msg),
             Ok(Reconciled::Invalid(r)) if r.maybe_partial() && !complete => {
                 debug!(
@@ -299,7 +299,7 @@ impl Agent {
         let backoff = Duration::from_millis(500)
             .saturating_mul(1 << rt.retries.min(10))
             .min(Duration::from_secs(60));
-        rt.retry_at = Some(Instant::now() + backoff);
+        rt.retry_at = Some(clock::later(Instant::now(), backoff));
         error!(
             "{}: {msg}; retrying in {}",
             w.name,
@@ -414,7 +414,7 @@ impl Agent {
     fn expiry_deadlines(&self, n: usize) -> Option<(i64, i64)> {
         let exp = self.rt[n].expires_at?;
         Some((
-            exp - self.settings.watches[n].expiry_warning.as_millis() as i64,
+            exp.saturating_sub(clock::ms(self.settings.watches[n].expiry_warning)),
             exp,
         ))
     }
@@ -426,7 +426,7 @@ impl Agent {
             let w = &self.settings.watches[n];
             let rt = &mut self.rt[n];
             if let Some(since) = rt.absent_since {
-                if !rt.logout_warned && now >= since + w.deletion_grace {
+                if !rt.logout_warned && now >= clock::later(since, w.deletion_grace) {
                     rt.logout_warned = true;
                     warn!(
                         "{}: {} has been absent for {}: this looks like a logout, not a login; nothing downstream was removed",
@@ -451,7 +451,7 @@ impl Agent {
                         "{}: the token last applied expires at {} (in {}) and no newer file has arrived: is anything refreshing it?",
                         w.name,
                         crate::validate::fmt_ms(exp),
-                        config::format_duration(Duration::from_secs(((exp - wall) / 1000) as u64))
+                        config::format_duration(Duration::from_secs(clock::between_ms(wall, exp).as_secs()))
                     );
                 }
             }
@@ -480,7 +480,7 @@ impl Agent {
         if let (Some(every), true) = (self.watchdog, self.next_watchdog.is_none_or(|at| now >= at))
         {
             self.notifier.send("WATCHDOG=1");
-            self.next_watchdog = Some(now + every / 2);
+            self.next_watchdog = Some(clock::later(now, every / 2));
         }
     }
 
@@ -503,7 +503,7 @@ impl Agent {
         for (n, rt) in self.rt.iter().enumerate() {
             let w = &self.settings.watches[n];
             if let (Some(since), false) = (rt.absent_since, rt.logout_warned) {
-                push(since + w.deletion_grace);
+                push(clock::later(since, w.deletion_grace));
             }
             if let Some(at) = rt.retry_at {
                 push(at);
@@ -517,7 +517,7 @@ impl Agent {
                     None
                 };
                 if let Some(at) = at {
-                    push(now + Duration::from_millis((at - wall).max(0) as u64));
+                    push(clock::later(now, clock::between_ms(wall, at)));
                 }
             }
         }
@@ -641,7 +641,7 @@ impl Agent {
         }
         Some(
             self.last_persist
-                .map_or_else(Instant::now, |at| at + PERSIST_EVERY),
+                .map_or_else(Instant::now, |at| clock::later(at, PERSIST_EVERY)),
         )
     }
 

@@ -3,17 +3,19 @@
 //! (or would change, in a dry run) so callers can report it.
 
 use crate::config::{CopySettings, PermissionSettings};
-use crate::fsutil::{self, perm_bits, FileMeta, FsError};
+use crate::fsutil::{self, perm_bits, DirChain, FileMeta, FsError};
 use crate::source::SourceFile;
 use crate::validate::{Fingerprint, Secret};
-use nix::sys::stat::{fchmod, Mode};
+use nix::sys::stat::{fchmod, fstat, Mode};
 use nix::unistd::{Gid, Uid};
 use std::os::fd::AsFd;
 use std::path::Path;
 
 /// Sets the source's mode through the descriptor it was read from, so a
 /// symlink swapped in meanwhile cannot redirect it. Only when different:
-/// our own change must not cause endless IN_ATTRIB events.
+/// our own change must not cause endless IN_ATTRIB events. The link count
+/// is checked once more right before: a name added since the read could
+/// expose another file's inode.
 pub fn fix_mode(
     src: &SourceFile,
     path: &Path,
@@ -25,19 +27,35 @@ pub fn fix_mode(
         return Ok(None);
     }
     if !dry_run {
+        let now = fstat(&src.fd).map_err(|e| FsError::io(path, "fstat", e))?;
+        if now.st_nlink == 0 {
+            // Renamed over since the read: the newer file's event fixes it.
+            return Ok(None);
+        }
+        if now.st_nlink != 1 {
+            return Err(FsError::refused(
+                path,
+                format!(
+                    "has {} hard links (expected exactly 1); mode not changed",
+                    now.st_nlink
+                ),
+            ));
+        }
         fchmod(&src.fd, Mode::from_bits_truncate(p.file_mode))
             .map_err(|e| FsError::io(path, "fchmod", e))?;
     }
     Ok(Some(format!("mode {current:04o} -> {:04o}", p.file_mode)))
 }
 
-/// Adds g+x and o+x to every ancestor directory of `dir` (inclusive) that
-/// lacks them, never removing bits. Directories are opened one by one
-/// without following symlinks and changed through their descriptors.
-pub fn add_traverse(dir: &Path, dry_run: bool) -> Result<Vec<String>, FsError> {
+/// Adds g+x and o+x to each directory of `chain` (the walk that led to the
+/// source that was read) that lacks them, never removing bits, through the
+/// descriptors of that walk: a directory renamed in meanwhile is never
+/// touched.
+pub fn add_traverse(chain: &DirChain, dry_run: bool) -> Result<Vec<String>, FsError> {
     let mut changed = Vec::new();
-    fsutil::walk_dirs(dir, |path, fd, st| {
-        let mode = perm_bits(st);
+    for (path, fd) in chain.iter() {
+        let st = fstat(fd).map_err(|e| FsError::io(path, "fstat", e))?;
+        let mode = perm_bits(&st);
         let wanted = mode | 0o011;
         if wanted != mode {
             if !dry_run {
@@ -46,16 +64,8 @@ pub fn add_traverse(dir: &Path, dry_run: bool) -> Result<Vec<String>, FsError> {
             }
             changed.push(format!("{} {mode:04o} -> {wanted:04o}", path.display()));
         }
-        Ok(())
-    })?;
+    }
     Ok(changed)
-}
-
-/// Directory mode for a destination directory we create: x wherever the
-/// file mode has r, so the readers of the file can reach it.
-pub fn dir_mode_for(file_mode: u32) -> u32 {
-    let r = file_mode & 0o444;
-    (file_mode & 0o666) | (r >> 2) | 0o700
 }
 
 /// What [`ensure_copy`] found and did.
@@ -77,7 +87,7 @@ pub fn ensure_copy(
     let (dir_path, name) = crate::config::split_file(&copy.dest);
     let owner = copy.owner.as_ref().map(|a| Uid::from_raw(a.id));
     let group = copy.group.as_ref().map(|a| Gid::from_raw(a.id));
-    let dir = match fsutil::open_dir(dir_path) {
+    let dir = match fsutil::open_private_dir(dir_path, None, true) {
         Ok(fd) => fd,
         Err(FsError::Missing(_)) if dry_run => {
             let change = Some(format!(
@@ -90,9 +100,9 @@ pub fn ensure_copy(
                 previous: None,
             });
         }
-        Err(FsError::Missing(_)) => {
-            fsutil::ensure_dir(dir_path, dir_mode_for(copy.mode), owner, group)?
-        }
+        // Created by and for the agent (root, dir_mode), never the copy's
+        // owner: whoever owns the directory can replace the copy.
+        Err(FsError::Missing(_)) => fsutil::open_private_dir(dir_path, Some(copy.dir_mode), true)?,
         Err(e) => return Err(e),
     };
     let current = fsutil::read_entry(dir.as_fd(), dir_path, name, crate::source::MAX_SIZE)?;
@@ -132,16 +142,4 @@ pub fn ensure_copy(
         change: Some(format!("copy {} {reason}", copy.dest.display())),
         previous,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dir_mode_follows_file_readers() {
-        assert_eq!(dir_mode_for(0o640), 0o750);
-        assert_eq!(dir_mode_for(0o644), 0o755);
-        assert_eq!(dir_mode_for(0o600), 0o700);
-    }
 }

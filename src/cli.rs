@@ -107,6 +107,12 @@ pub fn run() -> i32 {
             if let Some(ce) = e.downcast_ref::<ConfigError>() {
                 return config_error(ce);
             }
+            if let Some(se @ crate::state::StateError::Unsafe(_)) =
+                e.downcast_ref::<crate::state::StateError>()
+            {
+                log::error!("unsafe state directory: {se}");
+                return EX_CONFIG;
+            }
             // The error chain, one cause per line.
             log::error!("{e}");
             for cause in e.chain().skip(1) {

@@ -1,6 +1,7 @@
 //! One-shot commands: `sync` (one reconcile pass, restarts included) and
 //! `status` (what the agent last did, from the state file).
 
+use crate::clock;
 use crate::config::{format_duration, Settings};
 use crate::fsutil::{self, FsError};
 use crate::reconcile::{reconcile, Reconciled};
@@ -30,10 +31,7 @@ pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::R
             None => return sync_by_agent(settings, only),
         }
     };
-    let mut st = state::load(dir).unwrap_or_else(|e| {
-        log::warn!("{e}");
-        Default::default()
-    });
+    let mut st = state::load_or_fresh(dir)?;
     let mut manager = (!dry_run).then(crate::systemd::from_env);
     let mut healthy = true;
     let verb = if dry_run { "would apply" } else { "applied" };
@@ -73,6 +71,14 @@ pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::R
             }
             Reconciled::Unsafe(msg) => {
                 println!("{}: {msg}", w.name);
+                healthy = false;
+            }
+            Reconciled::Busy(why) => {
+                println!(
+                    "{}: {} {why}; try again when its writer is done",
+                    w.name,
+                    w.source.display()
+                );
                 healthy = false;
             }
             Reconciled::Invalid(r) => {
@@ -163,7 +169,7 @@ pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::R
 /// wait until its state file records one, and report from that.
 fn sync_by_agent(settings: &Settings, only: Option<&str>) -> anyhow::Result<i32> {
     let dir = &settings.agent.state_dir;
-    let load = || state::load(dir).map_err(anyhow::Error::msg);
+    let load = || state::load_or_fresh(dir);
     // A starting agent holds the lock a moment before it records its PID.
     let mut pid = None;
     for _ in 0..40 {
@@ -232,7 +238,9 @@ fn ago(ms: Option<i64>) -> String {
         Some(ms) => format!(
             "{} ({} ago)",
             fmt_ms(ms),
-            format_duration(Duration::from_secs(((now_ms() - ms).max(0) / 1000) as u64))
+            format_duration(Duration::from_secs(
+                clock::between_ms(ms, now_ms()).as_secs()
+            ))
         ),
         None => "never".into(),
     }
@@ -240,7 +248,7 @@ fn ago(ms: Option<i64>) -> String {
 
 /// Prints what the agent last did. Always exits 0.
 pub fn status(settings: &Settings, json: bool) -> anyhow::Result<i32> {
-    let st = state::load(&settings.agent.state_dir).map_err(anyhow::Error::msg)?;
+    let st = state::load_or_fresh(&settings.agent.state_dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(0);
@@ -268,7 +276,7 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<i32> {
             ago(rec.applied_at_ms)
         );
         if let Some(exp) = rec.expires_at_ms {
-            let left = exp - now_ms();
+            let left = exp.saturating_sub(now_ms());
             let when = if left > 0 {
                 format!(
                     "in {}",

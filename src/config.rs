@@ -1,6 +1,9 @@
 //! Configuration in two stages: strict raw structs per file (TOML, unknown
 //! keys rejected), merged across drop-ins, then one `validate()` into checked
-//! settings. Every error names the file, line and key.
+//! settings. Every error names the file, line and key, and never repeats the
+//! file's text (it may be a credentials or system file): values are bounded
+//! (modes at most 0777, durations at most 366 days, paths without `.`/`..`
+//! components or repeated slashes) and refused with what is expected instead.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
@@ -37,30 +40,53 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 // ---------------------------------------------------------------- value types
+//
+// The messages of these deserializers never repeat the value they reject:
+// the file may not be a configuration at all (a credentials file, a system
+// file behind a symlink), so an error says what is expected instead.
 
-/// A duration written as "250ms", "30s", "10m".
+/// The longest accepted duration, for every duration setting.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A duration written as "250ms", "30s", "10m"; at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|_| serde::de::Error::custom(format!("invalid duration {s:?}: expected a number with a unit, such as \"250ms\", \"30s\" or \"10m\"")))
+        let d = humantime::parse_duration(s.trim()).map_err(|_| {
+            serde::de::Error::custom(
+                "invalid duration: expected a number with a unit, such as 250ms, 30s or 10m",
+            )
+        })?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(
+                "duration too long: at most 366 days",
+            ));
+        }
+        Ok(Dur(d))
     }
 }
 
-/// A file mode written as an octal string such as "0640".
+/// A file mode written as an octal string such as "0640", at most 0777.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileMode(pub u32);
 
 impl<'de> Deserialize<'de> for FileMode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_mode(&s).map(FileMode).ok_or_else(|| {
-            serde::de::Error::custom(format!("invalid mode {s:?}: expected an octal string of 3 or 4 digits 0-7, such as \"0640\""))
-        })
+        let mode = parse_mode(&s).ok_or_else(|| {
+            serde::de::Error::custom(
+                "invalid mode: expected an octal string of 3 or 4 digits 0-7, such as 0640",
+            )
+        })?;
+        if mode > 0o777 {
+            return Err(serde::de::Error::custom(
+                "setuid, setgid and sticky bits are not allowed: a mode is at most 0777",
+            ));
+        }
+        Ok(FileMode(mode))
     }
 }
 
@@ -84,11 +110,44 @@ impl<'de> Deserialize<'de> for WatchName {
         if ok {
             Ok(WatchName(s))
         } else {
-            Err(serde::de::Error::custom(format!(
-                "invalid watch name {s:?}: use [a-z0-9_-]+"
-            )))
+            Err(serde::de::Error::custom(
+                "invalid watch name: use [a-z0-9_-]+",
+            ))
         }
     }
+}
+
+/// A path as written in the file: not empty, no NUL, no `.` or `..`
+/// component and no repeated slash. A relative path still resolves against
+/// the working directory (see `absolute`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CfgPath(PathBuf);
+
+impl<'de> Deserialize<'de> for CfgPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        check_path(&s).map_err(serde::de::Error::custom)?;
+        Ok(CfgPath(PathBuf::from(s)))
+    }
+}
+
+fn check_path(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        Err("a path cannot be empty")
+    } else if s.contains('\0') {
+        Err("a path cannot contain a NUL character")
+    } else if s.contains("//") {
+        Err("a path cannot contain repeated slashes")
+    } else if s.split('/').any(|c| c == "." || c == "..") {
+        Err("a path cannot contain . or .. components")
+    } else {
+        Ok(())
+    }
+}
+
+/// A path that must name a file: a trailing slash names a directory.
+fn names_file(p: &Path) -> bool {
+    p.file_name().is_some() && !p.as_os_str().as_encoded_bytes().ends_with(b"/")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -154,7 +213,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     log_level: Option<LogLevel>,
-    state_dir: Option<PathBuf>,
+    state_dir: Option<CfgPath>,
     settle: Option<Dur>,
     resync_interval: Option<Dur>,
 }
@@ -163,7 +222,7 @@ struct RawAgent {
 #[serde(deny_unknown_fields)]
 struct RawWatch {
     name: Spanned<WatchName>,
-    source: Option<PathBuf>,
+    source: Option<Spanned<CfgPath>>,
     format: Option<Format>,
     source_owner: Option<Spanned<String>>,
     deletion_grace: Option<Dur>,
@@ -185,7 +244,7 @@ struct RawPermissions {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCopy {
-    dest: Spanned<PathBuf>,
+    dest: Spanned<CfgPath>,
     owner: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     mode: Option<FileMode>,
@@ -203,11 +262,50 @@ struct RawRestart {
     min_interval: Option<Dur>,
 }
 
-/// Where a value came from, to point errors at it after merging.
+/// Every key and value name the raw structs accept: the only words an error
+/// message may put in backquotes (see `safe_message`).
+#[rustfmt::skip]
+const KNOWN_NAMES: &[&str] = &[
+    "agent", "watch", "log_level", "state_dir", "settle", "resync_interval", "name",
+    "source", "format", "source_owner", "deletion_grace", "expiry_warning",
+    "allow_rollback", "max_lifetime", "permissions", "copy", "restart", "file_mode",
+    "traverse", "dest", "owner", "group", "mode", "dir_mode", "drop_keys", "units",
+    "action", "timeout", "min_interval", "claude-oauth", "json", "any", "try-restart",
+    "reload-or-restart", "error", "warn", "info", "debug", "trace", "true", "false",
+];
+
+// ---------------------------------------------------------------- merge stage
+
+/// Where a value came from (file index and byte span), to point errors at it
+/// after merging: a value set by a drop-in points into the drop-in.
 #[derive(Debug, Clone)]
-struct Origin {
+struct Loc {
     file: usize,
     span: std::ops::Range<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct At<T> {
+    value: T,
+    loc: Loc,
+}
+
+impl<T> At<T> {
+    fn new(spanned: Spanned<T>, file: usize) -> At<T> {
+        let span = spanned.span();
+        At {
+            value: spanned.into_inner(),
+            loc: Loc { file, span },
+        }
+    }
+}
+
+fn path_at(path: Spanned<CfgPath>, file: usize) -> At<PathBuf> {
+    let path = At::new(path, file);
+    At {
+        value: path.value.0,
+        loc: path.loc,
+    }
 }
 
 struct Source {
@@ -217,7 +315,105 @@ struct Source {
 
 struct Merged {
     agent: RawAgent,
-    watches: Vec<(RawWatch, Origin)>,
+    watches: Vec<MergedWatch>,
+}
+
+/// A watch after merging: the raw values with their origins.
+struct MergedWatch {
+    name: At<WatchName>,
+    source: Option<At<PathBuf>>,
+    format: Option<Format>,
+    source_owner: Option<At<String>>,
+    deletion_grace: Option<Dur>,
+    expiry_warning: Option<Dur>,
+    allow_rollback: Option<bool>,
+    max_lifetime: Option<Dur>,
+    permissions: Option<RawPermissions>,
+    copy: Option<Vec<MergedCopy>>,
+    restart: Option<MergedRestart>,
+}
+
+struct MergedCopy {
+    dest: At<PathBuf>,
+    owner: Option<At<String>>,
+    group: Option<At<String>>,
+    mode: Option<FileMode>,
+    dir_mode: Option<FileMode>,
+    drop_keys: Vec<String>,
+}
+
+struct MergedRestart {
+    units: Option<At<Vec<String>>>,
+    action: Option<RestartAction>,
+    timeout: Option<Dur>,
+    min_interval: Option<Dur>,
+}
+
+impl MergedWatch {
+    fn new(w: RawWatch, file: usize) -> MergedWatch {
+        MergedWatch {
+            name: At::new(w.name, file),
+            source: w.source.map(|s| path_at(s, file)),
+            format: w.format,
+            source_owner: w.source_owner.map(|o| At::new(o, file)),
+            deletion_grace: w.deletion_grace,
+            expiry_warning: w.expiry_warning,
+            allow_rollback: w.allow_rollback,
+            max_lifetime: w.max_lifetime,
+            permissions: w.permissions,
+            copy: w
+                .copy
+                .map(|cs| cs.into_iter().map(|c| MergedCopy::new(c, file)).collect()),
+            restart: w.restart.map(|r| MergedRestart {
+                units: r.units.map(|u| At::new(u, file)),
+                action: r.action,
+                timeout: r.timeout,
+                min_interval: r.min_interval,
+            }),
+        }
+    }
+
+    /// A drop-in overrides the keys it sets, field by field; copies are
+    /// replaced as a whole.
+    fn override_with(&mut self, w: MergedWatch) {
+        self.source = w.source.or(self.source.take());
+        self.format = w.format.or(self.format);
+        self.source_owner = w.source_owner.or(self.source_owner.take());
+        self.deletion_grace = w.deletion_grace.or(self.deletion_grace);
+        self.expiry_warning = w.expiry_warning.or(self.expiry_warning);
+        self.allow_rollback = w.allow_rollback.or(self.allow_rollback);
+        self.max_lifetime = w.max_lifetime.or(self.max_lifetime);
+        self.permissions = match (w.permissions, self.permissions.take()) {
+            (Some(new), Some(old)) => Some(RawPermissions {
+                file_mode: new.file_mode.or(old.file_mode),
+                traverse: new.traverse.or(old.traverse),
+            }),
+            (new, old) => new.or(old),
+        };
+        self.copy = w.copy.or(self.copy.take());
+        self.restart = match (w.restart, self.restart.take()) {
+            (Some(new), Some(old)) => Some(MergedRestart {
+                units: new.units.or(old.units),
+                action: new.action.or(old.action),
+                timeout: new.timeout.or(old.timeout),
+                min_interval: new.min_interval.or(old.min_interval),
+            }),
+            (new, old) => new.or(old),
+        };
+    }
+}
+
+impl MergedCopy {
+    fn new(c: RawCopy, file: usize) -> MergedCopy {
+        MergedCopy {
+            dest: path_at(c.dest, file),
+            owner: c.owner.map(|o| At::new(o, file)),
+            group: c.group.map(|g| At::new(g, file)),
+            mode: c.mode,
+            dir_mode: c.dir_mode,
+            drop_keys: c.drop_keys,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- settings
@@ -377,37 +573,73 @@ pub fn main_path(cli: Option<&Path>) -> PathBuf {
 }
 
 /// Loads the main file and the drop-ins in `<main dir>/conf.d/*.toml`
-/// (lexical order, later wins), then validates.
+/// (lexical order, later wins), then validates. The main file may be a
+/// symlink (administrators do that); a drop-in never is.
 pub fn load(main: &Path) -> Result<Settings, ConfigError> {
-    let mut paths = vec![main.to_path_buf()];
+    let text = std::fs::read_to_string(main)
+        .map_err(|e| plain_error(main, format!("cannot read: {e}")))?;
+    let mut sources = vec![Source {
+        path: main.to_path_buf(),
+        text,
+    }];
     let dropin_dir = main.parent().unwrap_or(Path::new(".")).join("conf.d");
-    match std::fs::read_dir(&dropin_dir) {
-        Ok(entries) => {
-            let mut dropins: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
-                .collect();
-            dropins.sort();
-            paths.extend(dropins);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(plain_error(
-                &dropin_dir,
-                format!("cannot read drop-in directory: {e}"),
-            ))
-        }
-    }
-    let mut sources = Vec::new();
-    for path in &paths {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| plain_error(path, format!("cannot read: {e}")))?;
-        sources.push(Source {
-            path: path.clone(),
-            text,
-        });
+    for path in dropin_paths(&dropin_dir)? {
+        let text = read_dropin(&path)?;
+        sources.push(Source { path, text });
     }
     load_sources(&sources)
+}
+
+/// `*.toml` entries of the drop-in directory, sorted; directories are skipped.
+fn dropin_paths(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let unreadable =
+        |e: std::io::Error| plain_error(dir, format!("cannot read drop-in directory: {e}"));
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(unreadable(e)),
+    };
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(unreadable)?;
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if path.extension().is_some_and(|e| e == "toml") && !is_dir {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// Reads a drop-in without following a symlink (`O_NOFOLLOW`) and without
+/// blocking on a FIFO; it must be a regular file.
+fn read_dropin(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => plain_error(
+                path,
+                "is a symbolic link: a drop-in must be a regular file (not followed)".into(),
+            ),
+            _ => plain_error(path, format!("cannot read: {e}")),
+        })?;
+    let regular = file.metadata().is_ok_and(|m| m.is_file());
+    if !regular {
+        return Err(plain_error(
+            path,
+            "is not a regular file: a drop-in must be one".into(),
+        ));
+    }
+    let mut text = String::new();
+    (&file)
+        .read_to_string(&mut text)
+        .map_err(|e| plain_error(path, format!("cannot read: {e}")))?;
+    Ok(text)
 }
 
 /// Validates configuration text as if it were the main file at `path`
@@ -428,6 +660,16 @@ fn plain_error(path: &Path, message: String) -> ConfigError {
     }
 }
 
+fn err_at(sources: &[Source], loc: &Loc, key: &str, message: String) -> ConfigError {
+    let src = &sources[loc.file];
+    ConfigError {
+        file: src.path.clone(),
+        line: Some(line_of(&src.text, loc.span.start)),
+        key: Some(key.to_owned()),
+        message,
+    }
+}
+
 fn load_sources(sources: &[Source]) -> Result<Settings, ConfigError> {
     let mut merged = Merged {
         agent: RawAgent::default(),
@@ -442,19 +684,70 @@ fn load_sources(sources: &[Source]) -> Result<Settings, ConfigError> {
 
 fn toml_error(src: &Source, err: &toml::de::Error) -> ConfigError {
     let span = err.span();
-    let (line, key) = match &span {
-        Some(span) => (
-            Some(line_of(&src.text, span.start)),
-            key_at(&src.text, span.start),
-        ),
-        None => (None, None),
-    };
     ConfigError {
         file: src.path.clone(),
-        line,
-        key,
-        message: err.message().trim().to_owned(),
+        line: span.as_ref().map(|s| line_of(&src.text, s.start)),
+        key: span.and_then(|s| key_at(&src.text, s.start)),
+        message: safe_message(err.message()),
     }
+}
+
+/// toml's or serde's message, without anything that came from the file.
+/// serde's messages that embed the rejected value or key are rewritten (the
+/// key is named by `key_at` instead); any other message may put only known
+/// names or punctuation in backquotes and no other quotes, else it is
+/// replaced by a generic one.
+fn safe_message(message: &str) -> String {
+    let first = message.lines().next().unwrap_or_default().trim();
+    // serde puts the file's text before its own ", expected ...".
+    let expected = first.rsplit_once(", expected ").map(|(_, e)| {
+        if e.starts_with("struct ") {
+            "a table"
+        } else if e.starts_with("enum ") {
+            "a string"
+        } else if e == "a sequence" {
+            "an array"
+        } else {
+            e
+        }
+    });
+    let with_expected = |what: &str| match expected {
+        Some(e) => format!("{what}, expected {e}"),
+        None => what.to_owned(),
+    };
+    let rewritten = if first.starts_with("unknown field") {
+        with_expected("unknown key")
+    } else if first.starts_with("unknown variant") {
+        with_expected("unknown value")
+    } else if first.starts_with("invalid type") {
+        with_expected("wrong type of value")
+    } else if first.starts_with("invalid value") {
+        with_expected("invalid value")
+    } else if first.starts_with("invalid length") {
+        with_expected("wrong number of values")
+    } else if first.starts_with("duplicate") {
+        "duplicate key".to_owned()
+    } else {
+        first.to_owned()
+    };
+    if quotes_only_known_names(&rewritten) {
+        rewritten
+    } else {
+        "invalid syntax or value (the file's text is not repeated here)".to_owned()
+    }
+}
+
+/// True when every backquoted part is a known name or a punctuation token
+/// and no other quote appears.
+fn quotes_only_known_names(message: &str) -> bool {
+    let parts: Vec<&str> = message.split('`').collect();
+    let token = |q: &&str| {
+        KNOWN_NAMES.contains(q)
+            || (!q.is_empty() && q.len() <= 3 && q.bytes().all(|b| b.is_ascii_punctuation()))
+    };
+    parts.len() % 2 == 1
+        && parts.iter().step_by(2).all(|p| !p.contains(['"', '\'']))
+        && parts.iter().skip(1).step_by(2).all(token)
 }
 
 /// 1-based line number of a byte offset.
@@ -467,35 +760,43 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// The dotted key at a byte offset: the enclosing `[table]` header plus the
-/// key on that line, e.g. `watch.copy.mode`.
+/// key on that line, e.g. `watch.copy.mode`. Only plain bare keys are named:
+/// the file may not be a configuration at all, so a line that is not
+/// `key = ...` or `[table]` with plain names names no key.
 fn key_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("");
-    let header = text[..line_start]
+    let before = text.get(..offset.min(text.len()))?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    if line.starts_with('[') {
+        return header_key(line);
+    }
+    let key = plain_key(line.split_once('=')?.0)?;
+    let header = before[..line_start]
         .lines()
         .rev()
         .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
-    let trimmed = line.trim();
-    if trimmed.starts_with('[') {
-        return Some(
-            trimmed
-                .trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_owned(),
-        );
+        .find(|l| l.starts_with('['));
+    match header {
+        Some(header) => Some(format!("{}.{key}", header_key(header)?)),
+        None => Some(key),
     }
-    let key = trimmed
-        .split('=')
-        .next()
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && !k.starts_with('#'))?;
-    Some(match header {
-        Some(h) => format!("{h}.{key}"),
-        None => key.to_owned(),
-    })
+}
+
+/// `[a.b]` or `[[a.b]]` (perhaps unclosed or followed by a comment) as `a.b`.
+fn header_key(line: &str) -> Option<String> {
+    plain_key(line.trim_start_matches('[').split(']').next()?)
+}
+
+/// A dotted bare key made of `[A-Za-z0-9_-]` parts, at most 64 characters.
+fn plain_key(key: &str) -> Option<String> {
+    let parts: Vec<&str> = key.split('.').map(str::trim).collect();
+    let plain = parts.iter().all(|p| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    });
+    let key = parts.join(".");
+    (plain && key.len() <= 64).then_some(key)
 }
 
 fn merge(merged: &mut Merged, raw: RawFile, index: usize, src: &Source) -> Result<(), ConfigError> {
@@ -506,56 +807,25 @@ fn merge(merged: &mut Merged, raw: RawFile, index: usize, src: &Source) -> Resul
         m.settle = agent.settle.or(m.settle);
         m.resync_interval = agent.resync_interval.or(m.resync_interval);
     }
-    let mut seen: BTreeMap<WatchName, ()> = BTreeMap::new();
+    let mut seen: BTreeMap<WatchName, usize> = BTreeMap::new();
     for w in raw.watch {
-        let origin = Origin {
-            file: index,
-            span: w.name.span(),
-        };
-        if seen.insert(w.name.get_ref().clone(), ()).is_some() {
+        let w = MergedWatch::new(w, index);
+        let line = line_of(&src.text, w.name.loc.span.start);
+        if let Some(first) = seen.insert(w.name.value.clone(), line) {
             return Err(ConfigError {
                 file: src.path.clone(),
-                line: Some(line_of(&src.text, origin.span.start)),
+                line: Some(line),
                 key: Some("watch.name".into()),
-                message: format!(
-                    "duplicate watch name {:?} in the same file",
-                    w.name.get_ref().0
-                ),
+                message: format!("duplicate watch name in the same file (first at line {first})"),
             });
         }
         match merged
             .watches
             .iter_mut()
-            .find(|(m, _)| m.name.get_ref() == w.name.get_ref())
+            .find(|m| m.name.value == w.name.value)
         {
-            // A drop-in overrides the keys it sets, field by field.
-            Some((m, _)) => {
-                m.source = w.source.or(m.source.take());
-                m.format = w.format.or(m.format);
-                m.source_owner = w.source_owner.or(m.source_owner.take());
-                m.deletion_grace = w.deletion_grace.or(m.deletion_grace);
-                m.expiry_warning = w.expiry_warning.or(m.expiry_warning);
-                m.allow_rollback = w.allow_rollback.or(m.allow_rollback);
-                m.max_lifetime = w.max_lifetime.or(m.max_lifetime);
-                m.permissions = match (w.permissions, m.permissions.take()) {
-                    (Some(new), Some(old)) => Some(RawPermissions {
-                        file_mode: new.file_mode.or(old.file_mode),
-                        traverse: new.traverse.or(old.traverse),
-                    }),
-                    (new, old) => new.or(old),
-                };
-                m.copy = w.copy.or(m.copy.take());
-                m.restart = match (w.restart, m.restart.take()) {
-                    (Some(new), Some(old)) => Some(RawRestart {
-                        units: new.units.or(old.units),
-                        action: new.action.or(old.action),
-                        timeout: new.timeout.or(old.timeout),
-                        min_interval: new.min_interval.or(old.min_interval),
-                    }),
-                    (new, old) => new.or(old),
-                };
-            }
-            None => merged.watches.push((w, origin)),
+            Some(m) => m.override_with(w),
+            None => merged.watches.push(w),
         }
     }
     Ok(())
@@ -570,217 +840,223 @@ fn absolute(p: PathBuf) -> PathBuf {
     }
 }
 
+/// A validated watch with the origins of its source and of each copy's dest.
+struct Checked {
+    watch: WatchSettings,
+    source: Loc,
+    dests: Vec<Loc>,
+}
+
 fn validate(merged: Merged, sources: &[Source]) -> Result<Settings, ConfigError> {
-    let err_at =
-        |file: usize, span: &std::ops::Range<usize>, key: &str, message: String| ConfigError {
-            file: sources[file].path.clone(),
-            line: Some(line_of(&sources[file].text, span.start)),
-            key: Some(key.to_owned()),
-            message,
-        };
-    let a = merged.agent;
-    let agent = AgentSettings {
-        log_level: a.log_level.unwrap_or(LogLevel::Info),
-        state_dir: absolute(
-            a.state_dir
-                .unwrap_or_else(|| PathBuf::from("/var/lib/cred-watch")),
-        ),
-        settle: a.settle.map_or(Duration::from_millis(500), |d| d.0),
-        resync_interval: a.resync_interval.map_or(Duration::ZERO, |d| d.0),
-    };
-    let mut watches = Vec::new();
-    for (w, origin) in merged.watches {
-        let name = w.name.into_inner().0;
-        let at = |key: &str, message: String| {
-            err_at(
-                origin.file,
-                &origin.span,
-                key,
-                format!("watch {name:?}: {message}"),
-            )
-        };
-        let source = absolute(
-            w.source
-                .ok_or_else(|| at("watch.source", "missing required key `source`".into()))?,
-        );
-        if source.file_name().is_none() || source.to_string_lossy().ends_with('/') {
-            return Err(at(
+    let agent = agent_settings(merged.agent);
+    let mut checked: Vec<Checked> = Vec::new();
+    for w in merged.watches {
+        let c = validate_watch(w, sources)?;
+        if checked.iter().any(|o| o.watch.source == c.watch.source) {
+            return Err(err_at(
+                sources,
+                &c.source,
                 "watch.source",
-                format!("{} does not name a file", source.display()),
+                "this source is already watched by another watch".into(),
             ));
         }
-        let format = w.format.unwrap_or(Format::ClaudeOauth);
-        let source_owner = match w.source_owner {
-            Some(o) => Some(resolve_user(o.get_ref()).ok_or_else(|| {
-                err_at(
-                    origin.file,
-                    &o.span(),
-                    "watch.source_owner",
-                    format!("unknown user {:?}", o.get_ref()),
-                )
-            })?),
-            None => None,
-        };
-        let permissions = w.permissions.map(|p| PermissionSettings {
-            file_mode: p.file_mode.map_or(0o644, |m| m.0),
-            traverse: p.traverse.unwrap_or(false),
-        });
-        let mut copies = Vec::new();
-        for c in w.copy.unwrap_or_default() {
-            let dest_span = c.dest.span();
-            let dest = absolute(c.dest.into_inner());
-            if dest.file_name().is_none() {
-                return Err(err_at(
-                    origin.file,
-                    &dest_span,
-                    "watch.copy.dest",
-                    format!("{} does not name a file", dest.display()),
-                ));
-            }
-            if dest == source {
-                return Err(err_at(
-                    origin.file,
-                    &dest_span,
-                    "watch.copy.dest",
-                    "a copy destination cannot be the source itself".into(),
-                ));
-            }
-            if format == Format::Any && !c.drop_keys.is_empty() {
-                return Err(err_at(
-                    origin.file,
-                    &dest_span,
-                    "watch.copy.drop_keys",
-                    "drop_keys needs format \"json\" or \"claude-oauth\"".into(),
-                ));
-            }
-            if format == Format::ClaudeOauth && c.drop_keys.iter().any(|k| k == "claudeAiOauth") {
-                return Err(err_at(
-                    origin.file,
-                    &dest_span,
-                    "watch.copy.drop_keys",
-                    "cannot drop claudeAiOauth: it is the credential".into(),
-                ));
-            }
-            let owner = match c.owner {
-                Some(o) => Some(resolve_user(o.get_ref()).ok_or_else(|| {
-                    err_at(
-                        origin.file,
-                        &o.span(),
-                        "watch.copy.owner",
-                        format!("unknown user {:?}", o.get_ref()),
-                    )
-                })?),
-                None => None,
-            };
-            let group = match c.group {
-                Some(g) => Some(resolve_group(g.get_ref()).ok_or_else(|| {
-                    err_at(
-                        origin.file,
-                        &g.span(),
-                        "watch.copy.group",
-                        format!("unknown group {:?}", g.get_ref()),
-                    )
-                })?),
-                None => None,
-            };
-            copies.push(CopySettings {
-                dest,
-                owner,
-                group,
-                mode: c.mode.map_or(0o640, |m| m.0),
-                dir_mode: c.dir_mode.map_or(0o755, |m| m.0),
-                drop_keys: c.drop_keys,
-            });
-        }
-        let restart = match w.restart {
-            Some(r) => {
-                let units = r.units.ok_or_else(|| {
-                    at("watch.restart.units", "missing required key `units`".into())
-                })?;
-                let span = units.span();
-                let units = units.into_inner();
-                if units.is_empty() {
-                    return Err(err_at(
-                        origin.file,
-                        &span,
-                        "watch.restart.units",
-                        "must name at least one unit".into(),
-                    ));
-                }
-                if let Some(bad) = units.iter().find(|u| !valid_unit_name(u)) {
-                    return Err(err_at(
-                        origin.file,
-                        &span,
-                        "watch.restart.units",
-                        format!("invalid unit name {bad:?} (expected e.g. \"bridge.service\")"),
-                    ));
-                }
-                Some(RestartSettings {
-                    units,
-                    action: r.action.unwrap_or(RestartAction::Restart),
-                    timeout: r.timeout.map_or(Duration::from_secs(90), |d| d.0),
-                    min_interval: r.min_interval.map_or(Duration::from_secs(10), |d| d.0),
-                })
-            }
-            None => None,
-        };
-        if permissions.is_none() && copies.is_empty() && restart.is_none() {
-            return Err(at("watch", "has no action: add at least one of [watch.permissions], [[watch.copy]], [watch.restart]".into()));
-        }
-        if let Some(other) = watches.iter().find(|o: &&WatchSettings| o.source == source) {
-            return Err(at(
-                "watch.source",
-                format!(
-                    "{} is already watched by {:?}",
-                    source.display(),
-                    other.name
-                ),
-            ));
-        }
-        watches.push(WatchSettings {
-            name,
-            source,
-            format,
-            source_owner,
-            deletion_grace: w.deletion_grace.map_or(Duration::from_secs(30), |d| d.0),
-            expiry_warning: w
-                .expiry_warning
-                .map_or(Duration::from_secs(30 * 60), |d| d.0),
-            allow_rollback: w.allow_rollback.unwrap_or(false),
-            max_lifetime: w
-                .max_lifetime
-                .map_or(Duration::from_secs(31 * 24 * 3600), |d| d.0),
-            permissions,
-            copies,
-            restart,
-        });
+        checked.push(c);
     }
-    if watches.is_empty() {
+    if checked.is_empty() {
         return Err(plain_error(
             &sources[0].path,
             "no [[watch]] is configured".into(),
         ));
     }
-    let all_dests: Vec<&PathBuf> = watches
-        .iter()
-        .flat_map(|w| w.copies.iter().map(|c| &c.dest))
-        .collect();
-    for (i, d) in all_dests.iter().enumerate() {
-        if all_dests[..i].contains(d) || watches.iter().any(|w| &&w.source == d) {
-            return Err(plain_error(
-                &sources[0].path,
-                format!(
-                    "copy destination {} is used twice (or is another watch's source)",
-                    d.display()
-                ),
-            ));
-        }
-    }
+    check_destinations(&checked, sources)?;
     Ok(Settings {
         files: sources.iter().map(|s| s.path.clone()).collect(),
         agent,
-        watches,
+        watches: checked.into_iter().map(|c| c.watch).collect(),
     })
+}
+
+fn agent_settings(a: RawAgent) -> AgentSettings {
+    AgentSettings {
+        log_level: a.log_level.unwrap_or(LogLevel::Info),
+        state_dir: absolute(
+            a.state_dir
+                .map_or_else(|| PathBuf::from("/var/lib/cred-watch"), |p| p.0),
+        ),
+        settle: a.settle.map_or(Duration::from_millis(500), |d| d.0),
+        resync_interval: a.resync_interval.map_or(Duration::ZERO, |d| d.0),
+    }
+}
+
+fn validate_watch(w: MergedWatch, sources: &[Source]) -> Result<Checked, ConfigError> {
+    let name_loc = w.name.loc;
+    let at = |key: &str, message: &str| err_at(sources, &name_loc, key, message.into());
+    let source = w
+        .source
+        .ok_or_else(|| at("watch.source", "missing required key `source`"))?;
+    if !names_file(&source.value) {
+        return Err(err_at(
+            sources,
+            &source.loc,
+            "watch.source",
+            "does not name a file".into(),
+        ));
+    }
+    let format = w.format.unwrap_or(Format::ClaudeOauth);
+    let source_owner = w
+        .source_owner
+        .map(|o| account(sources, &o, "watch.source_owner", resolve_user))
+        .transpose()?;
+    let permissions = w.permissions.map(|p| PermissionSettings {
+        file_mode: p.file_mode.map_or(0o644, |m| m.0),
+        traverse: p.traverse.unwrap_or(false),
+    });
+    let mut copies = Vec::new();
+    let mut dests = Vec::new();
+    for c in w.copy.unwrap_or_default() {
+        dests.push(c.dest.loc.clone());
+        copies.push(validate_copy(c, format, sources)?);
+    }
+    let restart = w
+        .restart
+        .map(|r| validate_restart(r, sources, &name_loc))
+        .transpose()?;
+    if permissions.is_none() && copies.is_empty() && restart.is_none() {
+        return Err(at("watch", "has no action: add at least one of [watch.permissions], [[watch.copy]], [watch.restart]"));
+    }
+    let watch = WatchSettings {
+        name: w.name.value.0,
+        source: absolute(source.value),
+        format,
+        source_owner,
+        deletion_grace: w.deletion_grace.map_or(Duration::from_secs(30), |d| d.0),
+        expiry_warning: w
+            .expiry_warning
+            .map_or(Duration::from_secs(30 * 60), |d| d.0),
+        allow_rollback: w.allow_rollback.unwrap_or(false),
+        max_lifetime: w
+            .max_lifetime
+            .map_or(Duration::from_secs(31 * 24 * 3600), |d| d.0),
+        permissions,
+        copies,
+        restart,
+    };
+    Ok(Checked {
+        watch,
+        source: source.loc,
+        dests,
+    })
+}
+
+fn validate_copy(
+    c: MergedCopy,
+    format: Format,
+    sources: &[Source],
+) -> Result<CopySettings, ConfigError> {
+    let at = |key: &str, message: &str| err_at(sources, &c.dest.loc, key, message.into());
+    if !names_file(&c.dest.value) {
+        return Err(at("watch.copy.dest", "does not name a file"));
+    }
+    if format == Format::Any && !c.drop_keys.is_empty() {
+        return Err(at(
+            "watch.copy.drop_keys",
+            "drop_keys needs format \"json\" or \"claude-oauth\"",
+        ));
+    }
+    if format == Format::ClaudeOauth && c.drop_keys.iter().any(|k| k == "claudeAiOauth") {
+        return Err(at(
+            "watch.copy.drop_keys",
+            "cannot drop claudeAiOauth: it is the credential",
+        ));
+    }
+    let owner = c
+        .owner
+        .map(|o| account(sources, &o, "watch.copy.owner", resolve_user))
+        .transpose()?;
+    let group = c
+        .group
+        .map(|g| account(sources, &g, "watch.copy.group", resolve_group))
+        .transpose()?;
+    Ok(CopySettings {
+        dest: absolute(c.dest.value),
+        owner,
+        group,
+        mode: c.mode.map_or(0o640, |m| m.0),
+        dir_mode: c.dir_mode.map_or(0o755, |m| m.0),
+        drop_keys: c.drop_keys,
+    })
+}
+
+fn validate_restart(
+    r: MergedRestart,
+    sources: &[Source],
+    watch: &Loc,
+) -> Result<RestartSettings, ConfigError> {
+    let key = "watch.restart.units";
+    let units = r
+        .units
+        .ok_or_else(|| err_at(sources, watch, key, "missing required key `units`".into()))?;
+    if units.value.is_empty() {
+        return Err(err_at(
+            sources,
+            &units.loc,
+            key,
+            "must name at least one unit".into(),
+        ));
+    }
+    if let Some(i) = units.value.iter().position(|u| !valid_unit_name(u)) {
+        return Err(err_at(
+            sources,
+            &units.loc,
+            key,
+            format!("entry {} is not a unit name such as bridge.service", i + 1),
+        ));
+    }
+    Ok(RestartSettings {
+        units: units.value,
+        action: r.action.unwrap_or(RestartAction::Restart),
+        timeout: r.timeout.map_or(Duration::from_secs(90), |d| d.0),
+        min_interval: r.min_interval.map_or(Duration::from_secs(10), |d| d.0),
+    })
+}
+
+/// Every copy destination is a file of its own: not the source of its
+/// watch, not another watch's source, not another copy's destination.
+fn check_destinations(checked: &[Checked], sources: &[Source]) -> Result<(), ConfigError> {
+    let mut seen: Vec<&Path> = Vec::new();
+    for c in checked {
+        for (copy, loc) in c.watch.copies.iter().zip(&c.dests) {
+            let problem = if copy.dest == c.watch.source {
+                Some("a copy destination cannot be the source itself")
+            } else if checked.iter().any(|o| o.watch.source == copy.dest) {
+                Some("a copy destination cannot be the source of another watch")
+            } else if seen.contains(&copy.dest.as_path()) {
+                Some("a copy destination cannot be used by two copies")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(err_at(sources, loc, "watch.copy.dest", problem.into()));
+            }
+            seen.push(&copy.dest);
+        }
+    }
+    Ok(())
+}
+
+/// A user or group name resolved to its id; the error does not repeat the name.
+fn account(
+    sources: &[Source],
+    name: &At<String>,
+    key: &str,
+    resolve: fn(&str) -> Option<Account>,
+) -> Result<Account, ConfigError> {
+    let what = if key.ends_with("group") {
+        "group"
+    } else {
+        "user"
+    };
+    resolve(&name.value).ok_or_else(|| err_at(sources, &name.loc, key, format!("unknown {what}")))
 }
 
 fn valid_unit_name(u: &str) -> bool {
@@ -893,7 +1169,7 @@ units = ["bridge.service"]
             &GOOD.replace("traverse = true", "travers = true"),
             11,
             "watch.permissions.travers",
-            "unknown field",
+            "unknown key, expected `file_mode` or `traverse`",
         );
     }
 
@@ -918,7 +1194,12 @@ units = ["bridge.service"]
         let dup = format!(
             "{GOOD}\n[[watch]]\nname = \"claude\"\nsource = \"/x/y\"\n[watch.permissions]\n"
         );
-        expect_err(&dup, 22, "watch.name", "duplicate");
+        expect_err(
+            &dup,
+            22,
+            "watch.name",
+            "duplicate watch name in the same file (first at line 6)",
+        );
         expect_err(
             "[[watch]]\nname = \"a\"\nsource = \"/x/y\"\n",
             2,
@@ -945,5 +1226,389 @@ units = ["bridge.service"]
         assert_eq!(r.min_interval, Duration::from_secs(60));
         assert_eq!(r.units, vec!["bridge.service".to_string()]);
         assert_eq!(s.watches[0].copies.len(), 1);
+    }
+
+    const SECRET: &str = "SECRETVALUE";
+
+    fn assert_not_quoted(text: &str) {
+        let e = parse(text).unwrap_err();
+        let shown = e.to_string();
+        for leak in [SECRET, "sk-ant", "root:", "SECRETHASH", "hunter2"] {
+            assert!(!shown.contains(leak), "{shown}\nfrom:\n{text}");
+        }
+    }
+
+    #[test]
+    fn errors_never_quote_the_file() {
+        let token = r#"{"claudeAiOauth":{"accessToken":"sk-ant-oat01-AAAA","refreshToken":"sk-ant-ort01-BBBB","expiresAt":1}}"#;
+        let pretty =
+            "{\n  \"claudeAiOauth\": {\n    \"accessToken\": \"sk-ant-oat01-AAAA\"\n  }\n}\n";
+        for text in [
+            token,
+            pretty,
+            "root:$6$SECRETHASH:19000:0:99999:7:::\n",
+            "hunter2\n",
+            "[hunter2 x\n",
+            "PASSWORD=hunter2\n",
+        ] {
+            assert_not_quoted(text);
+        }
+        let valued = [
+            (
+                "name = \"claude\"",
+                "name = \"claude\"\nformat = \"SECRETVALUE\"",
+            ),
+            ("\"250ms\"", "\"SECRETVALUE\""),
+            ("traverse = true", "traverse = \"SECRETVALUE\""),
+            ("mode = \"0640\"", "mode = \"SECRETVALUE\""),
+            ("name = \"claude\"", "name = \"SECRETVALUE\""),
+            (
+                "name = \"claude\"",
+                "name = \"claude\"\nsource_owner = \"SECRETVALUE\"",
+            ),
+            ("\"bridge.service\"", "\"SECRETVALUE\""),
+            ("traverse = true", "\"SECRETVALUE x\" = true"),
+            ("traverse = true", "traverse = 1\ntraverse = 2"),
+            (
+                "[watch.restart]",
+                "[watch.restart]\naction = \"SECRETVALUE\"",
+            ),
+            ("[watch.restart]", "[SECRETVALUE.\"x y\"]"),
+            ("drop_keys = [\"mcpOAuth\"]", "drop_keys = \"SECRETVALUE\""),
+            (
+                "drop_keys = [\"mcpOAuth\"]",
+                "drop_keys = [\"a\"] = \"SECRETVALUE\"",
+            ),
+            (
+                "drop_keys = [\"mcpOAuth\"]",
+                "owner = \"SECRETVALUE`, expected `x\"",
+            ),
+        ];
+        for (from, to) in valued {
+            let text = GOOD.replacen(from, to, 1);
+            assert_ne!(text, GOOD, "{from}");
+            assert_not_quoted(&text);
+        }
+    }
+
+    #[test]
+    fn known_key_still_named_and_serde_lists_are_known() {
+        // A plain unknown key is named by its key path, the expected names
+        // come through (they are the schema's), and the value never does.
+        for (section, line) in [
+            ("", 2),
+            ("[agent]\n", 3),
+            ("[[watch]]\n", 3),
+            ("[[watch]]\n[watch.permissions]\n", 4),
+            ("[[watch]]\n[[watch.copy]]\n", 4),
+            ("[[watch]]\n[watch.restart]\n", 4),
+        ] {
+            let text = format!("\n{section}zzz = \"SECRETVALUE\"\n");
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.key.as_deref().unwrap().ends_with("zzz"), "{e}");
+            assert!(e.message.starts_with("unknown key, expected "), "{e}");
+            assert!(e.message.contains("`"), "{e}");
+            assert!(!e.to_string().contains(SECRET), "{e}");
+        }
+        for key in ["format", "log_level", "action"] {
+            let text = GOOD
+                .replace("[agent]", "[agent]\nlog_level = \"x\"")
+                .replace("[watch.restart]", "[watch.restart]\naction = \"x\"")
+                .replace("name = \"claude\"", "name = \"claude\"\nformat = \"x\"");
+            let text = text.replace(&format!("{key} = \"x\""), &format!("{key} = \"zz\""));
+            let e = parse(&text).unwrap_err();
+            assert!(
+                e.message.starts_with("unknown value, expected one of `"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_at_names_only_plain_keys() {
+        let text = "[watch.copy] # c\nmode = 1\n\"a b\" = 2\nroot:$6$x\n[[sk-ant-x y]]\nk=1\n";
+        let at = |line: usize| {
+            let offset: usize = text.lines().take(line - 1).map(|l| l.len() + 1).sum();
+            key_at(text, offset)
+        };
+        assert_eq!(at(1).as_deref(), Some("watch.copy"));
+        assert_eq!(at(2).as_deref(), Some("watch.copy.mode"));
+        assert_eq!(at(3), None);
+        assert_eq!(at(4), None);
+        assert_eq!(at(5), None);
+        assert_eq!(at(6), None, "a key under a header that is not plain");
+        let long = format!("{} = 1\n", "a".repeat(65));
+        assert_eq!(key_at(&long, 0), None);
+    }
+
+    #[test]
+    fn modes_above_0777_are_refused() {
+        for (from, to, line, key) in [
+            ("mode = \"0640\"", "mode = \"4755\"", 15, "watch.copy.mode"),
+            (
+                "mode = \"0640\"",
+                "dir_mode = \"2755\"",
+                15,
+                "watch.copy.dir_mode",
+            ),
+            (
+                "file_mode = \"0644\"",
+                "file_mode = \"1644\"",
+                10,
+                "watch.permissions.file_mode",
+            ),
+            (
+                "file_mode = \"0644\"",
+                "file_mode = \"7777\"",
+                10,
+                "watch.permissions.file_mode",
+            ),
+        ] {
+            expect_err(
+                &GOOD.replace(from, to),
+                line,
+                key,
+                "setuid, setgid and sticky bits",
+            );
+        }
+        let s =
+            parse(&GOOD.replace("mode = \"0640\"", "mode = \"0777\"\ndir_mode = \"777\"")).unwrap();
+        assert_eq!(
+            (s.watches[0].copies[0].mode, s.watches[0].copies[0].dir_mode),
+            (0o777, 0o777)
+        );
+    }
+
+    #[test]
+    fn durations_over_366_days_are_refused() {
+        let all = "[agent]\nsettle = \"D\"\nresync_interval = \"D\"\n[[watch]]\nname = \"a\"\n\
+                   source = \"/s/f\"\ndeletion_grace = \"D\"\nexpiry_warning = \"D\"\n\
+                   max_lifetime = \"D\"\n[watch.restart]\nunits = [\"a.service\"]\n\
+                   timeout = \"D\"\nmin_interval = \"D\"\n";
+        let ok = all.replace("\"D\"", "\"366d\"");
+        let s = parse(&ok).unwrap();
+        assert_eq!(s.watches[0].max_lifetime, MAX_DURATION);
+        let keys = [
+            (2, "agent.settle"),
+            (3, "agent.resync_interval"),
+            (7, "watch.deletion_grace"),
+            (8, "watch.expiry_warning"),
+            (9, "watch.max_lifetime"),
+            (12, "watch.restart.timeout"),
+            (13, "watch.restart.min_interval"),
+        ];
+        for (line, key) in keys {
+            let lines: Vec<&str> = ok.lines().collect();
+            for bad in [
+                "367d",
+                "366d 1s",
+                "300000000000years",
+                "18446744073709551615s",
+            ] {
+                let mut lines = lines.clone();
+                let edited = lines[line - 1].replace("366d", bad);
+                lines[line - 1] = &edited;
+                let text = lines.join("\n");
+                let e = parse(&text).unwrap_err();
+                assert_eq!((e.line, e.key.as_deref()), (Some(line), Some(key)), "{e}");
+                assert!(e.message.contains("duration"), "{e}");
+                assert!(!e.to_string().contains(bad), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn paths_must_be_normalized() {
+        let bad = [
+            "/a//b", "/a/./b", "/a/../b", "/a/b/.", "/a/b/..", "./a", "../a", "a//b", "",
+            "/a\u{0}b",
+        ];
+        for path in bad {
+            let toml_path = path.replace('\0', "\\u0000");
+            for (from, line, key) in [
+                ("\"/root/.claude/.credentials.json\"", 7, "watch.source"),
+                (
+                    "\"/var/lib/claude-credentials/.credentials.json\"",
+                    14,
+                    "watch.copy.dest",
+                ),
+                ("settle = \"250ms\"", 3, "agent.state_dir"),
+            ] {
+                let to = if key == "agent.state_dir" {
+                    format!("state_dir = \"{toml_path}\"")
+                } else {
+                    format!("\"{toml_path}\"")
+                };
+                let e = parse(&GOOD.replace(from, &to)).unwrap_err();
+                assert_eq!(
+                    (e.line, e.key.as_deref()),
+                    (Some(line), Some(key)),
+                    "{path:?}: {e}"
+                );
+                assert!(e.message.starts_with("a path cannot"), "{e}");
+            }
+        }
+        for (path, line, key) in [("/a/", 7, "watch.source"), ("/", 7, "watch.source")] {
+            let text = GOOD.replace(
+                "\"/root/.claude/.credentials.json\"",
+                &format!("\"{path}\""),
+            );
+            expect_err(&text, line, key, "does not name a file");
+        }
+        let text = GOOD.replace(
+            "\"/var/lib/claude-credentials/.credentials.json\"",
+            "\"/d/\"",
+        );
+        expect_err(&text, 14, "watch.copy.dest", "does not name a file");
+        // Relative paths resolve against the working directory, as before.
+        let s =
+            parse(&GOOD.replace("\"/root/.claude/.credentials.json\"", "\"a/.b.json\"")).unwrap();
+        assert_eq!(
+            s.watches[0].source,
+            std::env::current_dir().unwrap().join("a/.b.json")
+        );
+    }
+
+    #[test]
+    fn dest_cannot_be_a_source_or_another_dest() {
+        let two = format!(
+            "{GOOD}\n[[watch]]\nname = \"other\"\nsource = \"/home/o/.credentials.json\"\n\
+             [[watch.copy]]\ndest = \"DEST\"\n"
+        );
+        // Line 25 is the second watch's dest.
+        for (dest, message) in [
+            ("/home/o/.credentials.json", "the source itself"),
+            (
+                "/root/.claude/.credentials.json",
+                "the source of another watch",
+            ),
+            (
+                "/var/lib/claude-credentials/.credentials.json",
+                "used by two copies",
+            ),
+        ] {
+            expect_err(&two.replace("DEST", dest), 25, "watch.copy.dest", message);
+        }
+        // The first watch's dest naming the second watch's source: its own line.
+        let text = two.replace("DEST", "/elsewhere/x.json").replacen(
+            "/var/lib/claude-credentials/.credentials.json",
+            "/home/o/.credentials.json",
+            1,
+        );
+        expect_err(&text, 14, "watch.copy.dest", "the source of another watch");
+    }
+
+    #[test]
+    fn errors_from_a_dropin_point_into_the_dropin() {
+        let sources = [
+            Source {
+                path: "/m.toml".into(),
+                text: GOOD.into(),
+            },
+            Source {
+                path: "/conf.d/10.toml".into(),
+                text: "[[watch]]\nname = \"claude\"\n\n[[watch.copy]]\ndest = \"/root/.claude/.credentials.json\"\n".into(),
+            },
+        ];
+        let e = load_sources(&sources).unwrap_err();
+        assert_eq!(e.file, PathBuf::from("/conf.d/10.toml"), "{e}");
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(5), Some("watch.copy.dest")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn max_lifetime_and_dir_mode_merge_and_are_printed() {
+        let sources = [
+            Source {
+                path: "/m.toml".into(),
+                text: GOOD.replace(
+                    "name = \"claude\"",
+                    "name = \"claude\"\nmax_lifetime = \"60d\"",
+                ),
+            },
+            Source {
+                path: "/conf.d/10.toml".into(),
+                text: "[[watch]]\nname = \"claude\"\nmax_lifetime = \"7d\"\n[[watch.copy]]\n\
+                       dest = \"/srv/c.json\"\ndir_mode = \"0750\"\n"
+                    .into(),
+            },
+        ];
+        let s = load_sources(&sources).unwrap();
+        let w = &s.watches[0];
+        assert_eq!(w.max_lifetime, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!((w.copies.len(), w.copies[0].dir_mode), (1, 0o750));
+        let printed = s.to_toml();
+        assert!(printed.contains("max_lifetime = \"7days\""), "{printed}");
+        assert!(printed.contains("dir_mode = \"0750\""), "{printed}");
+        assert!(printed.contains("restart"), "{printed}");
+        assert_eq!(parse(&printed).unwrap().watches, s.watches);
+        // Defaults are printed too.
+        let printed = parse(GOOD).unwrap().to_toml();
+        assert!(
+            printed.contains("max_lifetime = \"1month 13h 26m 24s\""),
+            "{printed}"
+        );
+        assert!(printed.contains("dir_mode = \"0755\""), "{printed}");
+    }
+
+    #[test]
+    fn dropins_are_read_without_following_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("cred-watch.toml");
+        std::fs::write(&main, GOOD).unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        let secret = dir.path().join("shadow");
+        std::fs::write(&secret, "root:$6$SECRETHASH:19000:0:99999:7:::\n").unwrap();
+        let link = dir.path().join("conf.d/10-link.toml");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let e = load(&main).unwrap_err();
+        assert_eq!((e.file.as_path(), e.line), (link.as_path(), None), "{e}");
+        assert!(e.message.contains("symbolic link"), "{e}");
+        assert!(!e.to_string().contains("SECRETHASH"), "{e}");
+        // The main file may be a symlink.
+        std::fs::remove_file(&link).unwrap();
+        let main_link = dir.path().join("main-link.toml");
+        std::os::unix::fs::symlink(&main, &main_link).unwrap();
+        assert!(load(&main_link).is_ok());
+        // A FIFO drop-in is refused without blocking.
+        nix::unistd::mkfifo(
+            &dir.path().join("conf.d/20.toml"),
+            nix::sys::stat::Mode::S_IRWXU,
+        )
+        .unwrap();
+        let e = load(&main).unwrap_err();
+        assert!(e.message.contains("not a regular file"), "{e}");
+    }
+
+    /// What the fuzz target checks, over its corpus: no panic, a printed
+    /// configuration loads back, and an error's message repeats no long word
+    /// of the input and its key is a plain key.
+    #[test]
+    fn fuzz_corpus_errors_never_quote_the_input() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                continue;
+            };
+            match parse(text) {
+                Ok(s) => assert_eq!(parse(&s.to_toml()).unwrap().watches, s.watches),
+                Err(e) => {
+                    let words = text.split(|c: char| !c.is_ascii_alphanumeric());
+                    for word in words.filter(|w| w.len() >= 16) {
+                        assert!(!e.message.contains(word), "{e}\n{text}");
+                    }
+                    let key = e.key.as_deref().unwrap_or("k");
+                    assert!(plain_key(key).is_some_and(|k| k == key), "{e}");
+                }
+            }
+        }
     }
 }

@@ -106,7 +106,14 @@ pub fn diagnose(settings: &Settings, users: &[String], query: &mut dyn UnitQuery
         ),
     );
     let state = state::load(&settings.agent.state_dir).unwrap_or_else(|e| {
-        r.add("state", Level::Warn, e, None);
+        let (level, fix) = match e {
+            state::StateError::Unsafe(_) => (
+                Level::Fail,
+                Some("make state_dir a directory owned by root with mode 0700 or 0755, holding a regular state.json (or none)"),
+            ),
+            state::StateError::Corrupt { .. } | state::StateError::Io(_) => (Level::Warn, None),
+        };
+        r.add("state", level, e.to_string(), fix);
         State::default()
     });
     let mut systemd_ok = true;
@@ -192,6 +199,15 @@ fn check_source(r: &mut Report, w: &WatchSettings, state: &State) -> Option<(Sec
             );
             return None;
         }
+        Ok(ReadOutcome::Busy(why)) => {
+            r.add(
+                check,
+                Level::Warn,
+                format!("{} {why}", w.source.display()),
+                Some("a writer is at work: run doctor again in a moment"),
+            );
+            return None;
+        }
         Ok(ReadOutcome::Refused(why)) => {
             r.add(
                 check,
@@ -228,13 +244,13 @@ fn check_source(r: &mut Report, w: &WatchSettings, state: &State) -> Option<(Sec
             let mut level = Level::Ok;
             let mut fix = None;
             if let Some(exp) = v.expires_at {
-                let remaining = exp - now_ms();
+                let remaining = exp.saturating_sub(now_ms());
                 msg.push_str(&format!(
                     ", expiresAt {} (in {})",
                     fmt_ms(exp),
                     left(remaining)
                 ));
-                if remaining < w.expiry_warning.as_millis() as i64 {
+                if remaining < crate::clock::ms(w.expiry_warning) {
                     level = Level::Warn;
                     fix = Some(
                         "nothing has refreshed it yet: use the CLI once (it refreshes) or /login",
@@ -280,7 +296,7 @@ fn check_permissions(r: &mut Report, w: &WatchSettings) {
     }
     if p.traverse {
         let (dir, _) = w.source_dir_and_name();
-        match apply::add_traverse(dir, true) {
+        match fsutil::DirChain::open(dir).and_then(|chain| apply::add_traverse(&chain, true)) {
             Ok(missing) if missing.is_empty() => {
                 r.ok(format!("{} traverse", w.name), "every ancestor has g+x,o+x")
             }
@@ -604,7 +620,10 @@ fn check_agent(r: &mut Report, state: &State) {
         state.agent.last_reconcile_ms,
         &state.agent.last_reconcile_result,
     ) {
-        (Some(ms), Some(result)) => format!("last reconcile {} ago: {result}", left(now_ms() - ms)),
+        (Some(ms), Some(result)) => format!(
+            "last reconcile {} ago: {result}",
+            left(now_ms().saturating_sub(ms))
+        ),
         _ => "no reconcile recorded".into(),
     };
     match running {

@@ -5,7 +5,7 @@
 //! followed. Callers then act on the returned descriptors only.
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, AtFlags, OFlag};
+use nix::fcntl::{openat, renameat, renameat2, AtFlags, OFlag, RenameFlags};
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{fchown, fsync, unlinkat, Gid, Uid, UnlinkatFlags};
 use std::ffi::OsStr;
@@ -119,33 +119,51 @@ fn components(path: &Path) -> Result<Vec<&OsStr>, FsError> {
         .collect()
 }
 
-/// Walks an absolute directory path from `/`, calling `visit` with each
-/// directory's path, descriptor and stat (root first), and returns the
-/// descriptor of the last one.
-pub fn walk_dirs(
-    path: &Path,
-    mut visit: impl FnMut(&Path, BorrowedFd, &FileStat) -> Result<(), FsError>,
-) -> Result<OwnedFd, FsError> {
-    let parts = components(path)?;
-    let root = Path::new("/");
-    let mut fd = nix::fcntl::open(root, DIR_FLAGS, Mode::empty())
-        .map_err(|e| FsError::io(root, "open", e))?;
-    let mut cur = PathBuf::from("/");
-    let st = fstat(&fd).map_err(|e| FsError::io(&cur, "fstat", e))?;
-    visit(&cur, fd.as_fd(), &st)?;
-    for name in parts {
-        let next = open_subdir(fd.as_fd(), &cur, name)?;
-        cur.push(name);
-        let st = fstat(&next).map_err(|e| FsError::io(&cur, "fstat", e))?;
-        visit(&cur, next.as_fd(), &st)?;
-        fd = next;
+/// The directories from `/` down to one path, each opened through the
+/// previous one's descriptor in a single walk: acting on these descriptors
+/// acts on exactly the directories that led to whatever is opened below the
+/// last one, whatever is renamed meanwhile.
+#[derive(Debug)]
+pub struct DirChain {
+    dirs: Vec<(PathBuf, OwnedFd)>,
+}
+
+impl DirChain {
+    /// Walks an absolute directory path from `/` without following a
+    /// symlink anywhere.
+    pub fn open(path: &Path) -> Result<DirChain, FsError> {
+        let parts = components(path)?;
+        let root = PathBuf::from("/");
+        let fd = nix::fcntl::open(&root, DIR_FLAGS, Mode::empty())
+            .map_err(|e| FsError::io(&root, "open", e))?;
+        let mut dirs = vec![(root, fd)];
+        for name in parts {
+            let (cur, fd) = dirs.last().expect("the chain starts with /");
+            let next = open_subdir(fd.as_fd(), cur, name)?;
+            let path = cur.join(name);
+            dirs.push((path, next));
+        }
+        Ok(DirChain { dirs })
     }
-    Ok(fd)
+
+    /// Each directory, `/` first, with the path it had when it was opened.
+    pub fn iter(&self) -> impl Iterator<Item = (&Path, BorrowedFd<'_>)> {
+        self.dirs.iter().map(|(p, fd)| (p.as_path(), fd.as_fd()))
+    }
+
+    /// The last directory (the one the path names).
+    pub fn leaf(&self) -> BorrowedFd<'_> {
+        self.dirs.last().expect("the chain starts with /").1.as_fd()
+    }
+
+    pub fn into_leaf(mut self) -> OwnedFd {
+        self.dirs.pop().expect("the chain starts with /").1
+    }
 }
 
 /// Opens an absolute directory path without following symlinks anywhere.
 pub fn open_dir(path: &Path) -> Result<OwnedFd, FsError> {
-    walk_dirs(path, |_, _, _| Ok(()))
+    DirChain::open(path).map(DirChain::into_leaf)
 }
 
 /// The components of an absolute path (for walkers such as the watcher).
@@ -153,40 +171,165 @@ pub fn path_components(path: &Path) -> Result<Vec<&OsStr>, FsError> {
     components(path)
 }
 
-/// Creates the directories of `path` that are missing (each with `mode`,
-/// ownership as given) and returns the last one's descriptor.
-pub fn ensure_dir(
+/// Random hex digits for names nobody can guess in advance.
+pub fn random_hex() -> String {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        // No entropy source (very old kernel): still unique per process.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        buf = (t.as_nanos() as u64 ^ TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)).to_le_bytes();
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Opens a directory the agent writes into (a copy's or the state's),
+/// refusing one that someone else could tamper with: every ancestor must
+/// belong to root or the agent and be writable by nobody else unless
+/// sticky (else its owner could swap the directories below it), and the
+/// directory itself must pass [`unsafe_dir_reason`]. With `create`, missing
+/// directories are made with that mode (see [`create_dir`]).
+pub fn open_private_dir(
     path: &Path,
-    mode: u32,
-    owner: Option<Uid>,
-    group: Option<Gid>,
+    create: Option<u32>,
+    sticky_ok: bool,
 ) -> Result<OwnedFd, FsError> {
     let parts = components(path)?;
     let mut cur = PathBuf::from("/");
     let mut fd = nix::fcntl::open(&cur, DIR_FLAGS, Mode::empty())
         .map_err(|e| FsError::io(&cur, "open", e))?;
     for name in parts {
-        let next = match open_subdir(fd.as_fd(), &cur, name) {
-            Err(FsError::Missing(p)) => {
-                match mkdirat(fd.as_fd(), name, Mode::from_bits_truncate(0o700)) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
-                    Err(e) => return Err(FsError::io(&p, "mkdir", e)),
-                }
-                let new = open_subdir(fd.as_fd(), &cur, name)?;
-                // Ownership first, then the mode: the directory is private until both are right.
-                if owner.is_some() || group.is_some() {
-                    fchown(&new, owner, group).map_err(|e| FsError::io(&p, "fchown", e))?;
-                }
-                fchmod(&new, Mode::from_bits_truncate(mode))
-                    .map_err(|e| FsError::io(&p, "fchmod", e))?;
-                new
-            }
-            other => other?,
+        check_ancestor(&fd, &cur)?;
+        let next = match (open_subdir(fd.as_fd(), &cur, name), create) {
+            (Err(FsError::Missing(p)), Some(mode)) => create_dir(fd.as_fd(), &p, name, mode)?,
+            (other, _) => other?,
         };
         cur.push(name);
         fd = next;
     }
-    Ok(fd)
+    let st = fstat(&fd).map_err(|e| FsError::io(&cur, "fstat", e))?;
+    match unsafe_dir_reason(&st, sticky_ok) {
+        Some(why) => Err(FsError::refused(&cur, why)),
+        None => Ok(fd),
+    }
+}
+
+fn check_ancestor(fd: &OwnedFd, path: &Path) -> Result<(), FsError> {
+    let st = fstat(fd).map_err(|e| FsError::io(path, "fstat", e))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let why = if st.st_uid != 0 && st.st_uid != euid {
+        format!("is owned by uid {}", st.st_uid)
+    } else if st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0 {
+        format!(
+            "is writable by group or others without the sticky bit (mode {:04o})",
+            perm_bits(&st)
+        )
+    } else {
+        return Ok(());
+    };
+    Err(FsError::refused(
+        path,
+        format!("{why}: whoever can write it could swap the directories below it, so the agent writes nothing there"),
+    ))
+}
+
+/// Makes directory `name` below `parent`: under a random name first,
+/// checked through the descriptor opened afterwards (ours, empty, same
+/// device as its parent), given its mode, and only then renamed into place
+/// without replacing anything. A directory an attacker slips in under
+/// either name is never changed or used.
+fn create_dir(
+    parent: BorrowedFd,
+    path: &Path,
+    name: &OsStr,
+    mode: u32,
+) -> Result<OwnedFd, FsError> {
+    let tmp = format!(
+        ".{}{TEMP_MARK}{}-{}.dir",
+        name.to_string_lossy(),
+        std::process::id(),
+        random_hex()
+    );
+    mkdirat(parent, tmp.as_str(), Mode::from_bits_truncate(0o700))
+        .map_err(|e| FsError::io(path, "mkdir", e))?;
+    let discard = |e: FsError| {
+        // Only our own (still empty) directory: unlinkat refuses anything else.
+        let _ = unlinkat(parent, tmp.as_str(), UnlinkatFlags::RemoveDir);
+        e
+    };
+    let new = open_subdir(parent, path, OsStr::new(&tmp)).map_err(discard)?;
+    verify_created(parent, &new, path).map_err(discard)?;
+    fchmod(&new, Mode::from_bits_truncate(mode & 0o777))
+        .map_err(|e| discard(FsError::io(path, "fchmod", e)))?;
+    renameat2(
+        parent,
+        tmp.as_str(),
+        parent,
+        name,
+        RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(|e| {
+        discard(match e {
+            Errno::EEXIST => {
+                FsError::refused(path, "appeared while it was being created; not used")
+            }
+            e => FsError::io(path, "rename", e),
+        })
+    })?;
+    Ok(new)
+}
+
+/// The directory behind `new` is the one we just made: owned by us, on the
+/// parent's device, holding nothing.
+fn verify_created(parent: BorrowedFd, new: &OwnedFd, path: &Path) -> Result<(), FsError> {
+    let st = fstat(new).map_err(|e| FsError::io(path, "fstat", e))?;
+    let parent_st = fstat(parent).map_err(|e| FsError::io(path, "fstat", e))?;
+    let ours = st.st_uid == nix::unistd::geteuid().as_raw() && st.st_dev == parent_st.st_dev;
+    if !ours || st.st_nlink != 2 || !is_empty_dir(new) {
+        return Err(FsError::refused(
+            path,
+            "the directory opened after mkdir is not the one created (replaced meanwhile); not used",
+        ));
+    }
+    Ok(())
+}
+
+fn is_empty_dir(fd: &OwnedFd) -> bool {
+    let Ok(dup) = fd.try_clone() else {
+        return false;
+    };
+    let Ok(mut dir) = nix::dir::Dir::from_fd(dup) else {
+        return false;
+    };
+    let empty = dir
+        .iter()
+        .filter_map(Result::ok)
+        .all(|e| matches!(e.file_name().to_bytes(), b"." | b".."));
+    empty
+}
+
+/// Why a directory that holds what we write is unsafe: owned by another
+/// user, or writable by others (who could then replace our files).
+/// `sticky_ok`: a sticky directory protects our entries from other users.
+pub fn unsafe_dir_reason(st: &FileStat, sticky_ok: bool) -> Option<String> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if st.st_uid != euid {
+        return Some(format!(
+            "is owned by uid {}, not by uid {euid} (the agent): its owner could replace what the agent writes there",
+            st.st_uid
+        ));
+    }
+    let sticky = st.st_mode & 0o1000 != 0;
+    if st.st_mode & 0o022 != 0 && !(sticky_ok && sticky) {
+        return Some(format!(
+            "is writable by group or others (mode {:04o}): they could replace what the agent writes there",
+            perm_bits(st)
+        ));
+    }
+    None
 }
 
 /// What the file `name` in `dir` currently is, without following a symlink.
@@ -217,12 +360,16 @@ const TEMP_MARK: &str = ".cred-watch-";
 /// run was killed mid-write (`.NAME.cred-watch-PID-N.tmp`). Returns how many.
 pub fn remove_stale_temps(dir: &Path) -> usize {
     let Ok(fd) = open_dir(dir) else { return 0 };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+    let names: Vec<std::ffi::OsString> = match fd.try_clone().map(nix::dir::Dir::from_fd) {
+        Ok(Ok(mut listing)) => listing
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| std::os::unix::ffi::OsStringExt::from_vec(e.file_name().to_bytes().to_vec()))
+            .collect(),
+        _ => return 0,
     };
     let mut removed = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    for name in names {
         let text = name.to_string_lossy();
         let ours = text.starts_with('.') && text.ends_with(".tmp") && text.contains(TEMP_MARK);
         let pid = text
@@ -263,22 +410,8 @@ pub fn replace_file(
             ));
         }
     }
-    let tmp_name = format!(
-        ".{}{TEMP_MARK}{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let (tmp_name, fd) = create_temp(dir, dir_path, name)?;
     let tmp_path = dir_path.join(&tmp_name);
-    let flags =
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = openat(
-        dir,
-        tmp_name.as_str(),
-        flags,
-        Mode::from_bits_truncate(0o600),
-    )
-    .map_err(|e| FsError::io(&tmp_path, "create", e))?;
     let result = (|| {
         let mut file = std::fs::File::from(fd);
         file.write_all(bytes).map_err(|e| {
@@ -303,6 +436,42 @@ pub fn replace_file(
         return result;
     }
     fsync(dir).map_err(|e| FsError::io(dir_path, "fsync", e))
+}
+
+/// Creates a temp file next to `name` under a random name (`O_EXCL`,
+/// mode 0600), trying new names while one is taken: nobody can block our
+/// writes by creating the names in advance.
+fn create_temp(
+    dir: BorrowedFd,
+    dir_path: &Path,
+    name: &OsStr,
+) -> Result<(String, OwnedFd), FsError> {
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut last = Errno::EEXIST;
+    for _ in 0..16 {
+        let tmp_name = format!(
+            ".{}{TEMP_MARK}{}-{}.tmp",
+            name.to_string_lossy(),
+            std::process::id(),
+            random_hex()
+        );
+        match openat(
+            dir,
+            tmp_name.as_str(),
+            flags,
+            Mode::from_bits_truncate(0o600),
+        ) {
+            Ok(fd) => return Ok((tmp_name, fd)),
+            Err(Errno::EEXIST) => last = Errno::EEXIST,
+            Err(e) => return Err(FsError::io(&dir_path.join(&tmp_name), "create", e)),
+        }
+    }
+    Err(FsError::io(
+        &dir_path.join(name),
+        "create a temp file",
+        last,
+    ))
 }
 
 /// Reads a small regular file below `dir` without following a symlink.

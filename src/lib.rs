@@ -8,6 +8,8 @@ pub mod agent;
 pub mod apply;
 /// Command line: flags, subcommands, exit codes.
 pub mod cli;
+/// Checked time arithmetic for deadlines and timestamps.
+pub mod clock;
 /// One-shot commands: sync and status.
 pub mod commands;
 /// Configuration: raw TOML and drop-ins, validated into settings.

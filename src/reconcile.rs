@@ -4,7 +4,7 @@
 
 use crate::apply;
 use crate::config::WatchSettings;
-use crate::fsutil::FsError;
+use crate::fsutil::{DirChain, FsError};
 use crate::source::{read_source, ReadOutcome};
 use crate::validate::{self, Applied, Fingerprint, Refusal};
 use std::collections::BTreeMap;
@@ -18,6 +18,9 @@ pub enum Reconciled {
     Unsafe(String),
     /// Read fine but invalid; `partial` when it may still be being written.
     Invalid(Refusal),
+    /// A writer replaced or changed the file on every try; its next event
+    /// brings it back.
+    Busy(&'static str),
     Applied(Valid),
 }
 
@@ -46,11 +49,22 @@ pub fn reconcile(
     dry_run: bool,
 ) -> Result<Reconciled, FsError> {
     let (dir_path, name) = w.source_dir_and_name();
-    let Some(dir) = dir else {
+    // With `traverse`, the source is read through a fresh walk whose
+    // directory descriptors are the very ones that get the search bits.
+    let chain = match w.permissions.as_ref().filter(|p| p.traverse) {
+        Some(_) => match DirChain::open(dir_path) {
+            Ok(chain) => Some(chain),
+            Err(FsError::Missing(_)) => return Ok(Reconciled::Absent),
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let Some(dir) = chain.as_ref().map(DirChain::leaf).or(dir) else {
         return Ok(Reconciled::Absent);
     };
     let file = match read_source(dir, dir_path, name, w.source_owner.as_ref().map(|a| a.id))? {
         ReadOutcome::Absent => return Ok(Reconciled::Absent),
+        ReadOutcome::Busy(why) => return Ok(Reconciled::Busy(why)),
         ReadOutcome::Refused(why) => {
             return Ok(Reconciled::Unsafe(format!(
                 "{}: refused: {why}",
@@ -84,8 +98,8 @@ pub fn reconcile(
             Ok(change) => out.changes.extend(change),
             Err(e) => out.errors.push(e.to_string()),
         }
-        if p.traverse {
-            match apply::add_traverse(dir_path, dry_run) {
+        if let Some(chain) = &chain {
+            match apply::add_traverse(chain, dry_run) {
                 Ok(changed) => out
                     .changes
                     .extend(changed.into_iter().map(|c| format!("search bits {c}"))),

@@ -3,6 +3,7 @@
 //! backoff after failures. A change that arrives while a restart is running
 //! or cooling down is never lost: it yields exactly one more restart.
 
+use crate::clock;
 use crate::config::RestartAction;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -99,7 +100,7 @@ impl Scheduler {
             u.pending_since = Some(now);
             u.failures = 0;
         }
-        u.not_before = Some(now + settle);
+        u.not_before = Some(clock::later(now, settle));
     }
 
     fn due_at(&self, u: &Unit) -> Option<Instant> {
@@ -108,13 +109,13 @@ impl Scheduler {
         }
         let since = u.pending_since?;
         // Debounce, but a steady storm cannot postpone a restart forever.
-        let cap = since + self.settle.max(u.plan.min_interval);
+        let cap = clock::later(since, self.settle.max(u.plan.min_interval));
         let mut at = u.not_before.map_or(since, |nb| nb.min(cap));
         if u.failures > 0 {
             at = at.max(u.not_before.unwrap_or(at));
         }
         if let Some(last) = u.last_start {
-            at = at.max(last + u.plan.min_interval);
+            at = at.max(clock::later(last, u.plan.min_interval));
         }
         Some(at)
     }
@@ -165,7 +166,7 @@ impl Scheduler {
             u.pending = true;
             u.pending_since = Some(now);
         }
-        u.not_before = Some(now + backoff);
+        u.not_before = Some(clock::later(now, backoff));
         Some(backoff)
     }
 

@@ -119,17 +119,77 @@ pub fn state_path(dir: &Path) -> PathBuf {
     dir.join(STATE_FILE)
 }
 
-/// Loads the state; a missing file is an empty state. A corrupt one is
-/// reported and treated as empty (it only holds what can be re-learned).
-pub fn load(dir: &Path) -> Result<State, String> {
-    let path = state_path(dir);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: unreadable state ({e}); starting fresh", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+/// Why the state could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// `state_dir` or `state.json` is not safe to use: a start-up error
+    /// (exit 78), since whoever controls them could plant a state that
+    /// blocks refreshes as "rollbacks".
+    #[error("{0}; state_dir must be a directory owned by the agent's user and not writable by group or others, and state.json a regular file")]
+    Unsafe(FsError),
+    /// Unparsable: reported, then treated as empty (it only holds what can
+    /// be re-learned).
+    #[error("{path}: unreadable state ({why}); starting fresh")]
+    Corrupt { path: PathBuf, why: String },
+    /// Any other failure (e.g. a read-only file system).
+    #[error(transparent)]
+    Io(FsError),
+}
+
+impl From<FsError> for StateError {
+    fn from(e: FsError) -> Self {
+        match e {
+            FsError::Refused { .. } => StateError::Unsafe(e),
+            e => StateError::Io(e),
+        }
     }
 }
+
+/// Opens `state_dir` without following links, checking that only the
+/// agent's user can change it or swap it. `create`: make it (0700) when
+/// missing.
+fn open_state_dir(dir: &Path, create: bool) -> Result<std::os::fd::OwnedFd, FsError> {
+    fsutil::open_private_dir(dir, create.then_some(0o700), false)
+}
+
+/// Loads the state; a missing directory or file is an empty state.
+pub fn load(dir: &Path) -> Result<State, StateError> {
+    let fd = match open_state_dir(dir, false) {
+        Ok(fd) => fd,
+        Err(FsError::Missing(_)) => return Ok(State::default()),
+        Err(e) => return Err(e.into()),
+    };
+    // O_NOFOLLOW|O_NONBLOCK, regular files only: a FIFO or a symlink
+    // planted as state.json is refused, never waited on or followed.
+    let read = fsutil::read_entry(fd.as_fd(), dir, STATE_FILE.as_ref(), MAX_STATE_SIZE)?;
+    let Some((_, bytes)) = read else {
+        return Ok(State::default());
+    };
+    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+        path: state_path(dir),
+        why: format!(
+            "line {} column {}: {:?}",
+            e.line(),
+            e.column(),
+            e.classify()
+        ),
+    })
+}
+
+/// Loads the state for a command: an unsafe state directory is an error,
+/// a corrupt state file a warning and a fresh start.
+pub fn load_or_fresh(dir: &Path) -> Result<State, StateError> {
+    match load(dir) {
+        Err(e @ StateError::Corrupt { .. }) => {
+            log::warn!("{e}");
+            Ok(State::default())
+        }
+        other => other,
+    }
+}
+
+/// Larger than any state a host could need (1,000 watches take ~500 KiB).
+const MAX_STATE_SIZE: usize = 64 * 1024 * 1024;
 
 /// The agent's exclusive hold on a state directory; released when dropped
 /// (or when the process dies, however it dies).
@@ -141,9 +201,9 @@ pub struct StateLock {
 
 /// Takes the state directory's lock without waiting (creating the directory
 /// 0700 and the lock file 0600 if needed). `Ok(None)`: another process holds it.
-pub fn try_lock(dir: &Path) -> Result<Option<StateLock>, FsError> {
+pub fn try_lock(dir: &Path) -> Result<Option<StateLock>, StateError> {
     use nix::fcntl::{openat, Flock, FlockArg, OFlag};
-    let dir_fd = fsutil::ensure_dir(dir, 0o700, None, None)?;
+    let dir_fd = open_state_dir(dir, true)?;
     let path = dir.join(LOCK_FILE);
     let flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let fd = openat(
@@ -159,13 +219,13 @@ pub fn try_lock(dir: &Path) -> Result<Option<StateLock>, FsError> {
             dir: dir.to_path_buf(),
         })),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(FsError::io(&path, "flock", e)),
+        Err((_, e)) => Err(FsError::io(&path, "flock", e).into()),
     }
 }
 
 /// Writes the state atomically (mode 0600), creating `dir` (0700) if needed.
-pub fn save(dir: &Path, state: &State) -> Result<(), FsError> {
-    let fd = fsutil::ensure_dir(dir, 0o700, None, None)?;
+pub fn save(dir: &Path, state: &State) -> Result<(), StateError> {
+    let fd = open_state_dir(dir, true)?;
     let mut bytes = serde_json::to_vec_pretty(state).unwrap_or_default();
     bytes.push(b'\n');
     fsutil::replace_file(
@@ -178,5 +238,6 @@ pub fn save(dir: &Path, state: &State) -> Result<(), FsError> {
             group: None,
             mode: 0o600,
         },
-    )
+    )?;
+    Ok(())
 }

@@ -54,6 +54,14 @@ pub enum Refusal {
     InvalidJson(String),
     #[error("not a JSON object")]
     NotObject,
+    /// The key is named only when it is a short plain identifier path
+    /// (a key is attacker-chosen text); the position is always given.
+    #[error("{} at line {line} column {column}", duplicate_what(.key))]
+    DuplicateKey {
+        key: Option<String>,
+        line: usize,
+        column: usize,
+    },
     #[error("missing `{0}`")]
     Missing(&'static str),
     #[error("`{0}` is empty")]
@@ -64,10 +72,23 @@ pub enum Refusal {
     /// contain token text, not even a prefix.
     #[error("`{0}` does not have the expected {kind} prefix", kind = prefix_kind(.1))]
     BadPrefix(&'static str, &'static str),
+    #[error("`{key}` is {len} bytes long (at most {MAX_TOKEN_LEN})")]
+    TokenTooLong { key: &'static str, len: usize },
+    #[error("`{key}` has a character outside [A-Za-z0-9_-] after its prefix (at byte {offset})")]
+    TokenCharacter { key: &'static str, offset: usize },
     #[error("`scopes` lacks \"user:inference\"")]
     MissingScope,
+    #[error(
+        "`expiresAt` is {0} ms since the epoch: not a valid date (accepted: years 1970 to 9999)"
+    )]
+    NotADate(i64),
     #[error("token already expired at {}", crate::validate::fmt_ms(*.0))]
     Expired(i64),
+    #[error("`expiresAt` {} is more than {} ahead of now (max_lifetime): implausible, access tokens live hours, and once applied it would refuse every later genuine refresh as a rollback", crate::validate::fmt_ms(*.expires_at), fmt_lifetime(*.max))]
+    TooFarAhead {
+        expires_at: i64,
+        max: std::time::Duration,
+    },
     #[error("rollback: expiresAt {} is older than the last applied {} (set allow_rollback = true to accept)", crate::validate::fmt_ms(*.new), crate::validate::fmt_ms(*.last))]
     Rollback { new: i64, last: i64 },
 }
@@ -80,6 +101,23 @@ fn prefix_kind(prefix: &str) -> &'static str {
     }
 }
 
+/// A lifetime in whole days when it is one ("31 days", not humantime's
+/// "1month 13h 26m 24s").
+fn fmt_lifetime(d: std::time::Duration) -> String {
+    const DAY: u64 = 24 * 3600;
+    match (d.as_secs(), d.subsec_nanos()) {
+        (s, 0) if s > 0 && s % DAY == 0 => format!("{} days", s / DAY),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
+fn duplicate_what(key: &Option<String>) -> String {
+    match key {
+        Some(k) => format!("duplicate key `{k}`"),
+        None => "a duplicate key".to_string(),
+    }
+}
+
 impl Refusal {
     /// A refusal that a file still being written would produce: worth a
     /// warning only when the write is known to be finished.
@@ -88,10 +126,28 @@ impl Refusal {
     }
 }
 
-/// Milliseconds since the epoch as an RFC 3339 UTC time.
+/// The last millisecond RFC 3339 can show: 9999-12-31T23:59:59.999Z.
+pub const MAX_DATE_MS: i64 = 253_402_300_799_999;
+
+/// The longest accepted token, prefix included, in bytes.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Milliseconds since the epoch as an RFC 3339 UTC time. Total: a value
+/// outside 1970..=9999 is shown as a number, never a panic.
 pub fn fmt_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    match date_of(ms) {
+        Some(t) => humantime::format_rfc3339_seconds(t).to_string(),
+        None => format!("{ms} ms (not a valid date)"),
+    }
+}
+
+/// `ms` as a time that RFC 3339 formatting can show, if it is one.
+fn date_of(ms: i64) -> Option<std::time::SystemTime> {
+    if !(0..=MAX_DATE_MS).contains(&ms) {
+        return None;
+    }
+    let ms = u64::try_from(ms).ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms))
 }
 
 /// What the agent last applied, needed for the rollback check.
@@ -132,6 +188,15 @@ pub struct Policy {
     pub max_lifetime: std::time::Duration,
 }
 
+impl Policy {
+    /// The latest `expiresAt` accepted at `now_ms` (saturating: no overflow
+    /// for any `now_ms` or `max_lifetime`).
+    pub fn latest_expiry(&self, now_ms: i64) -> i64 {
+        let max_ms = i64::try_from(self.max_lifetime.as_millis()).unwrap_or(i64::MAX);
+        now_ms.saturating_add(max_ms)
+    }
+}
+
 /// Validates `bytes` per `format`. `now_ms` is the current time; `last` is
 /// what was applied before (for rollback refusal).
 pub fn validate(
@@ -141,7 +206,6 @@ pub fn validate(
     last: Option<&Applied>,
     policy: Policy,
 ) -> Result<Validated, Refusal> {
-    let allow_rollback = policy.allow_rollback;
     match format {
         Format::Any => Ok(Validated {
             fingerprint: Fingerprint::of(bytes),
@@ -159,93 +223,302 @@ pub fn validate(
                 warnings: vec![],
             })
         }
-        Format::ClaudeOauth => {
-            let object = parse_object(bytes)?;
-            let oauth = match object.get("claudeAiOauth") {
-                None | Some(Value::Null) => return Err(Refusal::Missing("claudeAiOauth")),
-                Some(Value::Object(o)) => o,
-                Some(_) => return Err(Refusal::WrongType("claudeAiOauth", "an object")),
-            };
-            token(oauth, "accessToken", ACCESS_PREFIX)?;
-            token(oauth, "refreshToken", REFRESH_PREFIX)?;
-            let expires_at = match oauth.get("expiresAt") {
-                None | Some(Value::Null) => return Err(Refusal::Missing("expiresAt")),
-                Some(Value::Number(n)) => n.as_i64().ok_or(Refusal::WrongType(
-                    "expiresAt",
-                    "an integer (ms since the epoch)",
-                ))?,
-                Some(_) => {
-                    return Err(Refusal::WrongType(
-                        "expiresAt",
-                        "an integer (ms since the epoch)",
-                    ))
-                }
-            };
-            match oauth.get("scopes") {
-                None | Some(Value::Null) => return Err(Refusal::Missing("scopes")),
-                Some(Value::Array(a)) => {
-                    if !a.iter().any(|s| s.as_str() == Some("user:inference")) {
-                        return Err(Refusal::MissingScope);
-                    }
-                }
-                Some(_) => return Err(Refusal::WrongType("scopes", "an array of strings")),
-            }
-            let mut warnings = Vec::new();
-            match oauth.get("subscriptionType") {
-                Some(Value::String(s)) if !s.is_empty() && s.chars().all(|c| !c.is_uppercase()) => {
-                }
-                Some(Value::String(_)) => warnings.push("`subscriptionType` is not lowercase"),
-                _ => warnings.push("`subscriptionType` is missing"),
-            }
-            if expires_at <= now_ms {
-                return Err(Refusal::Expired(expires_at));
-            }
-            // Only the credential decides identity: an MCP-only rewrite keeps it.
-            let fingerprint = Fingerprint::of(&canonical(&Value::Object(oauth.clone())));
-            if let Some(last) = last {
-                if let Some(last_exp) = last.expires_at {
-                    if !allow_rollback && last.fingerprint != fingerprint && expires_at < last_exp {
-                        return Err(Refusal::Rollback {
-                            new: expires_at,
-                            last: last_exp,
-                        });
-                    }
-                }
-            }
-            Ok(Validated {
-                fingerprint,
-                expires_at: Some(expires_at),
-                object: Some(object),
-                warnings,
-            })
-        }
+        Format::ClaudeOauth => claude_oauth(parse_object(bytes)?, now_ms, last, policy),
     }
 }
 
+fn claude_oauth(
+    object: Map<String, Value>,
+    now_ms: i64,
+    last: Option<&Applied>,
+    policy: Policy,
+) -> Result<Validated, Refusal> {
+    let oauth = match object.get("claudeAiOauth") {
+        None | Some(Value::Null) => return Err(Refusal::Missing("claudeAiOauth")),
+        Some(Value::Object(o)) => o,
+        Some(_) => return Err(Refusal::WrongType("claudeAiOauth", "an object")),
+    };
+    token(oauth, "accessToken", ACCESS_PREFIX)?;
+    token(oauth, "refreshToken", REFRESH_PREFIX)?;
+    let expires_at = expires_at(oauth)?;
+    match oauth.get("scopes") {
+        None | Some(Value::Null) => return Err(Refusal::Missing("scopes")),
+        Some(Value::Array(a)) => {
+            if !a.iter().any(|s| s.as_str() == Some("user:inference")) {
+                return Err(Refusal::MissingScope);
+            }
+        }
+        Some(_) => return Err(Refusal::WrongType("scopes", "an array of strings")),
+    }
+    let mut warnings = Vec::new();
+    match oauth.get("subscriptionType") {
+        Some(Value::String(s)) if !s.is_empty() && s.chars().all(|c| !c.is_uppercase()) => {}
+        Some(Value::String(_)) => warnings.push("`subscriptionType` is not lowercase"),
+        _ => warnings.push("`subscriptionType` is missing"),
+    }
+    check_expiry(expires_at, now_ms, policy)?;
+    // Only the credential decides identity: an MCP-only rewrite keeps it.
+    let fingerprint = Fingerprint::of(&canonical(&Value::Object(oauth.clone())));
+    if let Some(warning) = check_rollback(expires_at, fingerprint, last, now_ms, policy)? {
+        warnings.push(warning);
+    }
+    Ok(Validated {
+        fingerprint,
+        expires_at: Some(expires_at),
+        object: Some(object),
+        warnings,
+    })
+}
+
+fn expires_at(oauth: &Map<String, Value>) -> Result<i64, Refusal> {
+    const WHAT: &str = "an integer (ms since the epoch)";
+    match oauth.get("expiresAt") {
+        None | Some(Value::Null) => Err(Refusal::Missing("expiresAt")),
+        Some(Value::Number(n)) => n.as_i64().ok_or(Refusal::WrongType("expiresAt", WHAT)),
+        Some(_) => Err(Refusal::WrongType("expiresAt", WHAT)),
+    }
+}
+
+/// A date, not expired, not implausibly far ahead.
+fn check_expiry(expires_at: i64, now_ms: i64, policy: Policy) -> Result<(), Refusal> {
+    if date_of(expires_at).is_none() {
+        return Err(Refusal::NotADate(expires_at));
+    }
+    if expires_at <= now_ms {
+        return Err(Refusal::Expired(expires_at));
+    }
+    if expires_at > policy.latest_expiry(now_ms) {
+        return Err(Refusal::TooFarAhead {
+            expires_at,
+            max: policy.max_lifetime,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses an older credential than the last applied one. A last applied
+/// `expiresAt` that would be refused today (beyond `max_lifetime`, or not a
+/// date: written by an older version) is no baseline: it would wedge every
+/// later refresh. Then the file is accepted with a warning.
+fn check_rollback(
+    expires_at: i64,
+    fingerprint: Fingerprint,
+    last: Option<&Applied>,
+    now_ms: i64,
+    policy: Policy,
+) -> Result<Option<&'static str>, Refusal> {
+    let Some(last_exp) = last
+        .filter(|l| l.fingerprint != fingerprint)
+        .and_then(|l| l.expires_at)
+    else {
+        return Ok(None);
+    };
+    if policy.allow_rollback || expires_at >= last_exp {
+        return Ok(None);
+    }
+    if date_of(last_exp).is_none() || last_exp > policy.latest_expiry(now_ms) {
+        return Ok(Some(
+            "the expiresAt last applied is implausibly far ahead; not treating this file as a rollback",
+        ));
+    }
+    Err(Refusal::Rollback {
+        new: expires_at,
+        last: last_exp,
+    })
+}
+
 fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Refusal> {
-    match serde_json::from_slice::<Value>(bytes) {
+    let found = std::cell::Cell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = serde::de::DeserializeSeed::deserialize(unique::Seed::root(&found), &mut de)
+        .and_then(|v| de.end().map(|()| v));
+    match parsed {
         Ok(Value::Object(o)) => Ok(o),
         Ok(_) => Err(Refusal::NotObject),
-        // Position and category only: serde_json's message is not shown, so
-        // no fragment of the file can reach a log.
-        Err(e) => Err(Refusal::InvalidJson(match e.classify() {
-            serde_json::error::Category::Eof => {
-                format!("truncated at line {} column {}", e.line(), e.column())
+        Err(e) => Err(match found.take() {
+            Some(unique::Duplicate { key }) => Refusal::DuplicateKey {
+                key,
+                line: e.line(),
+                column: e.column(),
+            },
+            // Position and category only: serde_json's message is not
+            // shown, so no fragment of the file can reach a log.
+            None => Refusal::InvalidJson(match e.classify() {
+                serde_json::error::Category::Eof => {
+                    format!("truncated at line {} column {}", e.line(), e.column())
+                }
+                _ => format!("syntax error at line {} column {}", e.line(), e.column()),
+            }),
+        }),
+    }
+}
+
+/// A JSON value built like `serde_json::Value`, but a repeated key in any
+/// object, at any depth, is an error (serde_json would keep the last one).
+mod unique {
+    use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Number, Value};
+    use std::cell::Cell;
+    use std::fmt;
+
+    /// The duplicate found: its path, only if every part is a short plain
+    /// identifier (key names are file content).
+    pub struct Duplicate {
+        pub key: Option<String>,
+    }
+
+    enum Segment<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+
+    /// Where a value sits, as a chain up to the root.
+    struct Path<'a> {
+        parent: Option<&'a Path<'a>>,
+        segment: Segment<'a>,
+    }
+
+    impl Path<'_> {
+        fn plain(&self) -> Option<String> {
+            let mut parts = Vec::new();
+            let mut at = Some(self);
+            while let Some(p) = at {
+                match p.segment {
+                    Segment::Key(k) if is_plain(k) => parts.push(k.to_string()),
+                    Segment::Key(_) => return None,
+                    Segment::Index(i) => parts.push(format!("[{i}]")),
+                }
+                at = p.parent;
             }
-            _ => format!("syntax error at line {} column {}", e.line(), e.column()),
-        })),
+            parts.reverse();
+            let path = parts.join(".").replace(".[", "[");
+            (path.len() <= 128).then_some(path)
+        }
+    }
+
+    fn is_plain(key: &str) -> bool {
+        (1..=32).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct Seed<'a> {
+        found: &'a Cell<Option<Duplicate>>,
+        path: Option<&'a Path<'a>>,
+    }
+
+    impl<'a> Seed<'a> {
+        pub fn root(found: &'a Cell<Option<Duplicate>>) -> Self {
+            Seed { found, path: None }
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Seed<'_> {
+        type Value = Value;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Seed<'_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+            Ok(Value::Bool(b))
+        }
+        fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+            Ok(Value::Number(n.into()))
+        }
+        fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+            Ok(Value::Number(n.into()))
+        }
+        fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+            Ok(Number::from_f64(n).map_or(Value::Null, Value::Number))
+        }
+        fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+            Ok(Value::String(s.to_string()))
+        }
+        fn visit_string<E>(self, s: String) -> Result<Value, E> {
+            Ok(Value::String(s))
+        }
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut items = Vec::new();
+            loop {
+                let path = Path {
+                    parent: self.path,
+                    segment: Segment::Index(items.len()),
+                };
+                let seed = Seed {
+                    found: self.found,
+                    path: Some(&path),
+                };
+                match seq.next_element_seed(seed)? {
+                    Some(v) => items.push(v),
+                    None => return Ok(Value::Array(items)),
+                }
+            }
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+            let mut map = Map::new();
+            while let Some(key) = access.next_key::<String>()? {
+                let path = Path {
+                    parent: self.path,
+                    segment: Segment::Key(&key),
+                };
+                if map.contains_key(&key) {
+                    self.found.set(Some(Duplicate { key: path.plain() }));
+                    return Err(de::Error::custom("duplicate key"));
+                }
+                let seed = Seed {
+                    found: self.found,
+                    path: Some(&path),
+                };
+                let value = access.next_value_seed(seed)?;
+                map.insert(key, value);
+            }
+            Ok(Value::Object(map))
+        }
     }
 }
 
 fn token(o: &Map<String, Value>, key: &'static str, prefix: &'static str) -> Result<(), Refusal> {
-    match o.get(key) {
-        None | Some(Value::Null) => Err(Refusal::Missing(key)),
-        Some(Value::String(s)) if s.is_empty() => Err(Refusal::Empty(key)),
-        Some(Value::String(s)) if !s.starts_with(prefix) || s.len() == prefix.len() => {
-            Err(Refusal::BadPrefix(key, prefix))
-        }
-        Some(Value::String(_)) => Ok(()),
-        Some(_) => Err(Refusal::WrongType(key, "a string")),
+    let s = match o.get(key) {
+        None | Some(Value::Null) => return Err(Refusal::Missing(key)),
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(Refusal::WrongType(key, "a string")),
+    };
+    if s.is_empty() {
+        return Err(Refusal::Empty(key));
+    }
+    if !s.starts_with(prefix) || s.len() == prefix.len() {
+        return Err(Refusal::BadPrefix(key, prefix));
+    }
+    if s.len() > MAX_TOKEN_LEN {
+        return Err(Refusal::TokenTooLong { key, len: s.len() });
+    }
+    let allowed = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-';
+    match s.as_bytes()[prefix.len()..]
+        .iter()
+        .position(|b| !allowed(b))
+    {
+        Some(i) => Err(Refusal::TokenCharacter {
+            key,
+            offset: prefix.len() + i,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -426,5 +699,273 @@ mod tests {
         assert!(!format!("{payload:?} {v:?}").contains("sk-ant-"));
         let dropped: Value = serde_json::from_slice(&payload.0).unwrap();
         assert!(dropped.get("mcpOAuth").is_none() && dropped.get("claudeAiOauth").is_some());
+    }
+
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+
+    #[test]
+    fn fmt_ms_is_total() {
+        assert_eq!(fmt_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_ms(MAX_DATE_MS), "9999-12-31T23:59:59Z");
+        assert_eq!(fmt_ms(253_402_300_799_999), "9999-12-31T23:59:59Z");
+        assert_eq!(fmt_ms(NOW), "2027-01-15T08:00:00Z");
+        for ms in [253_402_300_800_000, i64::MAX, i64::MIN, -1, i64::MIN + 1] {
+            assert_eq!(fmt_ms(ms), format!("{ms} ms (not a valid date)"));
+        }
+    }
+
+    #[test]
+    fn expires_at_must_be_a_date() {
+        for ms in [253_402_300_800_000, i64::MAX, i64::MIN, -1] {
+            let e = check(&good(ms)).unwrap_err();
+            assert_eq!(e, Refusal::NotADate(ms));
+            assert!(e.to_string().contains("not a valid date"), "{e}");
+        }
+        // Even with a policy that would allow anything and a `now` at the edges.
+        let anything = Policy {
+            allow_rollback: true,
+            max_lifetime: std::time::Duration::MAX,
+        };
+        for now in [i64::MIN, -1, 0, i64::MAX] {
+            let r = validate(
+                Format::ClaudeOauth,
+                good(i64::MAX).as_bytes(),
+                now,
+                None,
+                anything,
+            );
+            assert_eq!(r.unwrap_err(), Refusal::NotADate(i64::MAX));
+        }
+        let r = validate(
+            Format::ClaudeOauth,
+            good(MAX_DATE_MS).as_bytes(),
+            0,
+            None,
+            anything,
+        );
+        assert_eq!(r.unwrap().expires_at, Some(MAX_DATE_MS));
+    }
+
+    #[test]
+    fn expires_at_beyond_max_lifetime_is_refused() {
+        let max = STRICT.max_lifetime;
+        assert!(check(&good(NOW + 31 * DAY_MS)).is_ok());
+        for exp in [NOW + 31 * DAY_MS + 1, 253_402_214_400_000, MAX_DATE_MS] {
+            let e = check(&good(exp)).unwrap_err();
+            assert_eq!(
+                e,
+                Refusal::TooFarAhead {
+                    expires_at: exp,
+                    max
+                }
+            );
+            let msg = e.to_string();
+            assert!(msg.contains("31 days") && msg.contains("rollback"), "{msg}");
+        }
+        assert!(check(&good(253_402_214_400_000))
+            .unwrap_err()
+            .to_string()
+            .contains("9999-12-31T00:00:00Z"));
+        // No overflow: `now` near the end of time, a huge max_lifetime.
+        let huge = Policy {
+            allow_rollback: false,
+            max_lifetime: std::time::Duration::from_secs(u64::MAX),
+        };
+        assert_eq!(huge.latest_expiry(i64::MAX), i64::MAX);
+        assert_eq!(STRICT.latest_expiry(i64::MAX), i64::MAX);
+        assert_eq!(STRICT.latest_expiry(i64::MIN), i64::MIN + 31 * DAY_MS);
+        assert!(matches!(
+            validate(
+                Format::ClaudeOauth,
+                good(NOW).as_bytes(),
+                i64::MAX,
+                None,
+                huge
+            ),
+            Err(Refusal::Expired(_))
+        ));
+        let tight = Policy {
+            max_lifetime: std::time::Duration::ZERO,
+            ..STRICT
+        };
+        let r = validate(
+            Format::ClaudeOauth,
+            good(NOW + 1).as_bytes(),
+            NOW,
+            None,
+            tight,
+        );
+        assert!(matches!(r, Err(Refusal::TooFarAhead { .. })));
+    }
+
+    #[test]
+    fn implausible_last_expiry_does_not_wedge_refreshes() {
+        let genuine = good(NOW + 3_600_000);
+        for last_exp in [253_402_214_400_000, i64::MAX, NOW + 32 * DAY_MS] {
+            let last = Applied {
+                fingerprint: Fingerprint::of(b"older version applied this"),
+                expires_at: Some(last_exp),
+            };
+            let v = validate(
+                Format::ClaudeOauth,
+                genuine.as_bytes(),
+                NOW,
+                Some(&last),
+                STRICT,
+            )
+            .unwrap();
+            assert!(v.warnings.iter().any(|w| w.contains("implausibly far")));
+        }
+    }
+
+    fn with_tokens(access_tail: &str, refresh_tail: &str) -> String {
+        let access = serde_json::to_string(&format!("{ACCESS_PREFIX}{access_tail}")).unwrap();
+        let refresh = serde_json::to_string(&format!("{REFRESH_PREFIX}{refresh_tail}")).unwrap();
+        format!(
+            r#"{{"claudeAiOauth":{{"accessToken":{access},"refreshToken":{refresh},"expiresAt":{},"scopes":["user:inference"],"subscriptionType":"max"}}}}"#,
+            NOW + 1000
+        )
+    }
+
+    #[test]
+    fn token_characters_are_restricted() {
+        assert!(check(&with_tokens("Ab9_-xyz", "Zz0-_q")).is_ok());
+        for bad in [
+            "a\0b", "a b", "ab\t", "\n", "a\u{7f}", "é", "a.b", "a+b/c=", "x\"y", "\\",
+        ] {
+            let e = check(&with_tokens(&format!("SECRET{bad}"), "ok")).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Refusal::TokenCharacter {
+                        key: "accessToken",
+                        ..
+                    }
+                ),
+                "{bad:?}: {e:?}"
+            );
+            let e2 = check(&with_tokens("ok", &format!("SECRET{bad}"))).unwrap_err();
+            assert!(
+                matches!(
+                    e2,
+                    Refusal::TokenCharacter {
+                        key: "refreshToken",
+                        ..
+                    }
+                ),
+                "{bad:?}: {e2:?}"
+            );
+            for msg in [e.to_string(), e2.to_string()] {
+                assert!(!msg.contains("sk-ant-") && !msg.contains("SECRET"), "{msg}");
+            }
+        }
+        assert_eq!(
+            check(&with_tokens("ab cd", "ok")).unwrap_err(),
+            Refusal::TokenCharacter {
+                key: "accessToken",
+                offset: ACCESS_PREFIX.len() + 2
+            }
+        );
+    }
+
+    #[test]
+    fn tokens_are_at_most_4_kib() {
+        let fits = "A".repeat(MAX_TOKEN_LEN - ACCESS_PREFIX.len());
+        assert!(check(&with_tokens(&fits, &fits)).is_ok());
+        let long = "A".repeat(MAX_TOKEN_LEN - ACCESS_PREFIX.len() + 1);
+        let e = check(&with_tokens("ok", &long)).unwrap_err();
+        assert_eq!(
+            e,
+            Refusal::TokenTooLong {
+                key: "refreshToken",
+                len: MAX_TOKEN_LEN + 1
+            }
+        );
+        assert!(!e.to_string().contains("AAA"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let g = good(NOW + 1000);
+        let oauth = &g[g.find("{\"accessToken").unwrap()..g.find(",\"mcpOAuth").unwrap()];
+        let cases = [
+            (
+                format!(
+                    r#"{{"claudeAiOauth":{{"accessToken":"sk-ant-oat01-broken"}},"claudeAiOauth":{oauth}}}"#
+                ),
+                Some("claudeAiOauth"),
+            ),
+            (
+                g.replace("\"expiresAt\":", "\"expiresAt\":1,\"expiresAt\":"),
+                Some("claudeAiOauth.expiresAt"),
+            ),
+            (
+                g.replace(r#"{"x":1}"#, r#"{"list":[1,{"a":{"b":1,"b":2}}]}"#),
+                Some("mcpOAuth.list[1].a.b"),
+            ),
+            (
+                g.replace(r#"{"x":1}"#, r#"{"a":1,"\u0061":2}"#),
+                Some("mcpOAuth.a"),
+            ),
+            (
+                g.replace(r#"{"x":1}"#, r#"{"server|abc":1,"server|abc":2}"#),
+                None,
+            ),
+            (
+                g.replace(r#"{"x":1}"#, r#"{"sk-ant-oat01-Q":1,"sk-ant-oat01-Q":2}"#),
+                None,
+            ),
+            (format!(r#"{{"{0}":1,"{0}":2}}"#, "A".repeat(33)), None),
+        ];
+        for (doc, key) in cases {
+            for format in [Format::ClaudeOauth, Format::Json] {
+                let e = validate(format, doc.as_bytes(), NOW, None, STRICT).unwrap_err();
+                let Refusal::DuplicateKey {
+                    key: k,
+                    line,
+                    column,
+                } = &e
+                else {
+                    panic!("{doc}: {e:?}");
+                };
+                assert_eq!(k.as_deref(), key, "{doc}");
+                assert!(*line == 1 && *column > 0, "{e}");
+                let msg = e.to_string();
+                assert!(!msg.contains("sk-ant-") && !msg.contains("server"), "{msg}");
+                assert!(!msg.contains("broken") && !msg.contains("AAAA"), "{msg}");
+            }
+        }
+        let e = check("{\n \"a\": 1,\n \"a\": 2}").unwrap_err();
+        assert_eq!(e.to_string(), "duplicate key `a` at line 3 column 4");
+        let e = check("{\"a|\": 1, \"a|\": 2}").unwrap_err();
+        assert_eq!(e.to_string(), "a duplicate key at line 1 column 14");
+        // Same keys in different objects are fine, and `any` is raw bytes.
+        assert!(check(&g.replace(r#"{"x":1}"#, r#"{"x":{"x":{"x":1}}}"#)).is_ok());
+        assert!(validate(Format::Any, b"{\"a\":1,\"a\":2}", NOW, None, STRICT).is_ok());
+    }
+
+    #[test]
+    fn parsing_matches_serde_json() {
+        let g = good(NOW + 1000);
+        let docs = [
+            g.as_str(),
+            r#"{"n":[1,-2,3.5,1e400,18446744073709551615,-9223372036854775808],"s":"\u00e9\n","b":[true,false,null],"o":{}}"#,
+        ];
+        for doc in docs {
+            let ours = parse_object(doc.as_bytes())
+                .map(Value::Object)
+                .unwrap_or(Value::Null);
+            let theirs: Value = serde_json::from_str(doc).unwrap_or(Value::Null);
+            assert_eq!(ours, theirs, "{doc}");
+        }
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(matches!(
+            parse_object(deep.as_bytes()),
+            Err(Refusal::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse_object(b"{} x"),
+            Err(Refusal::InvalidJson(_))
+        ));
     }
 }

@@ -188,8 +188,8 @@ fn destination_directory_removed_is_recreated_with_the_configured_mode() {
     assert!(dest.exists());
     assert_eq!(
         mode(&env.path("shared")),
-        0o750,
-        "created with x where the file mode has r"
+        0o755,
+        "created with dir_mode (default 0755, SPEC version 2)"
     );
     fs::remove_dir_all(env.path("shared")).unwrap();
     let c = creds(2);
@@ -200,7 +200,7 @@ fn destination_directory_removed_is_recreated_with_the_configured_mode() {
         "{}",
         agent.stderr()
     );
-    assert_eq!(mode(&env.path("shared")), 0o750);
+    assert_eq!(mode(&env.path("shared")), 0o755);
     assert_eq!(mode(&dest), 0o640);
     agent.stop();
 }

@@ -1,0 +1,454 @@
+//! Security round 2, the file-system side: a local user who races renames
+//! and swaps directories while the agent works (SPEC "Hardening rules").
+//! Each test failed on the code before the fix; the race loops are bounded
+//! in time.
+mod common;
+use common::*;
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const NOBODY: u32 = 65534;
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// `renameat2(RENAME_EXCHANGE)`: swaps two names in one step.
+fn exchange(a: &Path, b: &Path) -> bool {
+    let (a, b) = (cstr(a), cstr(b));
+    // SAFETY: valid NUL-terminated paths; AT_FDCWD.
+    unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        ) == 0
+    }
+}
+
+fn chown(p: &Path, uid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(uid)).unwrap();
+}
+
+/// Runs `f` in a loop on another thread for `time`, then returns how many
+/// rounds it made.
+fn race_for(time: Duration, mut f: impl FnMut() + Send + 'static) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let end = Instant::now() + time;
+        let mut rounds = 0;
+        while Instant::now() < end {
+            f();
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
+/// SIGUSR1 and wait until the state records a reconcile after it: proof
+/// the agent has handled everything before.
+fn round_trip(env: &Env, agent: &Agent) {
+    let asked = now_ms();
+    agent.signal(libc::SIGUSR1);
+    let state = env.path("state/state.json");
+    assert!(
+        wait_until(Duration::from_secs(10), || read_json(&state)
+            .and_then(|s| s["agent"]["last_reconcile_ms"].as_i64())
+            .is_some_and(|t| t >= asked)),
+        "no reconcile recorded after SIGUSR1:\n{}",
+        agent.stderr()
+    );
+}
+
+/// Item 2: the CLI user swaps `~/.claude` with a root-owned 0700 directory
+/// in its home while the agent works: only the directories whose
+/// descriptors led to the file that was read get search bits.
+#[test]
+fn traverse_never_changes_a_directory_swapped_into_the_path() {
+    let env = Env::new();
+    let claude = env.path("home/.claude");
+    let decoy = env.path("home/private");
+    fs::create_dir_all(&claude).unwrap();
+    fs::create_dir_all(&decoy).unwrap();
+    fs::write(decoy.join("marker"), "root's").unwrap();
+    set_mode(&claude, 0o700);
+    set_mode(&decoy, 0o700);
+    let src = claude.join(".credentials.json");
+    write_atomic(&src, &creds(1));
+    let agent = Agent::start(
+        &env,
+        &env.config(&standard_config(
+            "[watch.permissions]\nfile_mode = \"0644\"\ntraverse = true\n",
+        )),
+    );
+    assert!(wait_until(Duration::from_secs(5), || mode(&claude) == 0o711));
+    let (a, b) = (claude.clone(), decoy.clone());
+    let swapper = race_for(Duration::from_millis(1500), move || {
+        exchange(&a, &b);
+    });
+    // Each swap already makes the agent re-arm and re-read; SIGUSR1 adds
+    // full reconciles.
+    let mut nudges = 0;
+    while !swapper.is_finished() {
+        agent.signal(libc::SIGUSR1);
+        nudges += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rounds = swapper.join().unwrap();
+    if !decoy.join("marker").exists() {
+        assert!(exchange(&claude, &decoy), "put the directories back");
+    }
+    round_trip(&env, &agent);
+    assert!(rounds > 100, "only {rounds} swaps");
+    assert_eq!(
+        mode(&decoy),
+        0o700,
+        "the swapped-in directory got search bits ({rounds} swaps, {nudges} SIGUSR1)"
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+/// Item 3: the destination's parent is writable by another user (not
+/// sticky), who renames a root 0700 directory into place while the agent
+/// creates the destination directory. Nothing of that directory changes,
+/// no token lands in it, and the copy is refused with the reason.
+#[test]
+fn destination_below_a_swappable_directory_is_refused_and_nothing_is_touched() {
+    let env = Env::new();
+    let drop = env.path("drop");
+    let victim = env.path("victim");
+    fs::create_dir_all(&drop).unwrap();
+    fs::create_dir_all(&victim).unwrap();
+    set_mode(&drop, 0o777);
+    set_mode(&victim, 0o700);
+    fs::write(victim.join("marker"), "root's").unwrap();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config(
+        "[[watch.copy]]\ndest = \"{ROOT}/drop/shared/.credentials.json\"\n",
+    ));
+    let agent = Agent::start(&env, &config);
+    let (v, d) = (victim.clone(), drop.join("shared"));
+    let swapper = race_for(Duration::from_millis(1500), move || {
+        let _ = fs::rename(&v, &d);
+        let _ = fs::rename(&d, &v);
+    });
+    let mut seq = 2;
+    while !swapper.is_finished() {
+        write_atomic(&src, &creds(seq));
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    swapper.join().unwrap();
+    if !victim.exists() {
+        fs::rename(drop.join("shared"), &victim).unwrap();
+    }
+    round_trip(&env, &agent);
+    let st = fs::metadata(&victim).unwrap();
+    assert_eq!(
+        (st.mode() & 0o7777, st.uid(), st.gid()),
+        (0o700, 0, 0),
+        "victim directory changed"
+    );
+    let names: Vec<_> = fs::read_dir(&victim)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["marker"],
+        "something was written into the victim"
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains("writable by group or others without the sticky bit"),
+        "{}",
+        agent.stderr()
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+/// Item 11: a directory the agent creates for a copy belongs to root with
+/// `dir_mode`, not to the copy's owner (who could then replace the copy);
+/// a destination directory owned by another user is refused, not used.
+#[test]
+fn created_destination_directories_belong_to_root_and_foreign_ones_are_refused() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    fs::create_dir_all(env.path("theirs")).unwrap();
+    chown(&env.path("theirs"), NOBODY);
+    let config = env.config(&standard_config(&format!(
+        "[[watch.copy]]\ndest = \"{{ROOT}}/made/deep/.credentials.json\"\nowner = \"{NOBODY}\"\nmode = \"0600\"\n\n\
+         [[watch.copy]]\ndest = \"{{ROOT}}/theirs/.credentials.json\"\n"
+    )));
+    let agent = Agent::start(&env, &config);
+    let dest = env.path("made/deep/.credentials.json");
+    assert!(wait_until(Duration::from_secs(5), || dest.exists()));
+    for dir in ["made", "made/deep"] {
+        let st = fs::metadata(env.path(dir)).unwrap();
+        assert_eq!(
+            (st.uid(), st.mode() & 0o7777),
+            (0, 0o755),
+            "{dir}: owner and mode"
+        );
+    }
+    assert_eq!(
+        fs::metadata(&dest).unwrap().uid(),
+        NOBODY,
+        "the copy is theirs"
+    );
+    assert!(
+        agent.wait_log("is owned by uid 65534", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(!env.path("theirs/.credentials.json").exists());
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+/// Item 10: temp names cannot be guessed, so squatting the names the old
+/// scheme would use (`..credentials.json.cred-watch-PID-N.tmp`) in a
+/// sticky shared directory no longer blocks copies.
+#[test]
+fn squatted_temp_names_do_not_block_copies() {
+    let env = Env::new();
+    let shared = env.path("shared");
+    fs::create_dir_all(&shared).unwrap();
+    set_mode(&shared, 0o1777);
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let config = env.config(&standard_config(
+        "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
+    ));
+    let agent = Agent::start(&env, &config);
+    let pid = agent.pid();
+    for n in 0..2000 {
+        let squat = shared.join(format!("..credentials.json.cred-watch-{pid}-{n}.tmp"));
+        fs::write(&squat, "").unwrap();
+        chown(&squat, NOBODY);
+    }
+    write_atomic(&src, &creds(1));
+    let dest = shared.join(".credentials.json");
+    assert!(
+        wait_until(Duration::from_secs(5), || dest.exists()),
+        "copy blocked:\n{}",
+        agent.stderr()
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+/// Runs a one-shot command with a deadline (a FIFO could block it).
+fn bounded(env: &Env, args: &[&str], limit: Duration) -> Option<(i32, String)> {
+    let log = env.path("bounded.log");
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .env("CRED_WATCH_TEST_RESTART_LOG", env.restart_log())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_until(limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    let err = fs::read_to_string(&log).unwrap();
+    assert_no_secret(&err, "stderr");
+    Some((status.unwrap().code().unwrap_or(-1), err))
+}
+
+/// Item 12: `state_dir` and `state.json` that someone else could plant or
+/// that would block: a clear start-up error (exit 78), never a hang and
+/// never read through a link.
+#[test]
+fn unsafe_state_dir_or_state_file_is_a_start_up_error() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config(
+        "[watch.permissions]\nfile_mode = \"0644\"\n",
+    ));
+    let config = config.to_str().unwrap();
+    let state = env.path("state");
+    let file = state.join("state.json");
+    let planted = env.path("planted.json");
+    fs::write(&planted, "{\"version\": 1}").unwrap();
+    type Setup = Box<dyn Fn()>;
+    let (s1, f1, s2, f2, p2, s3, s4) = (
+        state.clone(),
+        file.clone(),
+        state.clone(),
+        file.clone(),
+        planted.clone(),
+        state.clone(),
+        state.clone(),
+    );
+    let cases: Vec<(&str, Setup, &str)> = vec![
+        (
+            "FIFO state.json",
+            Box::new(move || {
+                fs::create_dir_all(&s1).unwrap();
+                let c = cstr(&f1);
+                // SAFETY: valid path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            }),
+            "a FIFO",
+        ),
+        (
+            "symlinked state.json",
+            Box::new(move || {
+                fs::create_dir_all(&s2).unwrap();
+                std::os::unix::fs::symlink(&p2, &f2).unwrap();
+            }),
+            "symlink",
+        ),
+        (
+            "state_dir owned by another user",
+            Box::new(move || {
+                fs::create_dir_all(&s3).unwrap();
+                chown(&s3, NOBODY);
+            }),
+            "owned by uid 65534",
+        ),
+        (
+            "group-writable state_dir",
+            Box::new(move || {
+                fs::create_dir_all(&s4).unwrap();
+                set_mode(&s4, 0o770);
+            }),
+            "writable by group or others",
+        ),
+    ];
+    for (what, setup, needle) in cases {
+        let _ = fs::remove_dir_all(&state);
+        setup();
+        for args in [
+            vec!["run", "--config", config],
+            vec!["status", "--config", config],
+            vec!["sync", "--config", config],
+        ] {
+            let (code, err) = bounded(&env, &args, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{what}: `{}` hung", args[0]));
+            assert_eq!(code, 78, "{what}: `{}`:\n{err}", args[0]);
+            assert!(err.contains(needle), "{what}: `{}`:\n{err}", args[0]);
+        }
+    }
+    assert_eq!(mode(&src), 0o600, "nothing was done");
+}
+
+/// Item 14: ordinary CLI-style renames under a concurrent reader are not
+/// warnings: a file renamed over while being read is simply read again.
+#[test]
+fn rename_storm_with_a_concurrent_reader_logs_no_warning() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(0));
+    let agent = Agent::start(
+        &env,
+        &env.config(&standard_config(
+            "[watch.permissions]\nfile_mode = \"0644\"\n\n[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
+        )),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flag, path) = (stop.clone(), src.clone());
+    let reader = std::thread::spawn(move || {
+        let mut reads = 0u64;
+        while !flag.load(Ordering::Relaxed) {
+            let _ = fs::read(&path);
+            reads += 1;
+        }
+        reads
+    });
+    let last = 4000;
+    let mut text = String::new();
+    for seq in 1..=last {
+        text = creds(seq);
+        write_atomic(&src, &text);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    let dest = env.path("shared/.credentials.json");
+    let want = serde_json::from_str::<serde_json::Value>(&text).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || read_json(&dest).as_ref()
+            == Some(&want)),
+        "last file not copied:\n{}",
+        tail(&agent.stderr(), 40)
+    );
+    round_trip(&env, &agent);
+    let log = agent.stderr();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert!(
+        warnings.is_empty(),
+        "{} warning(s) for {last} renames and {reads} concurrent reads:\n{}",
+        warnings.len(),
+        warnings.join("\n")
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Item 9: a SIGHUP to a configuration with an absurd duration is a
+/// rejected reload, not a dead agent.
+#[test]
+fn reload_with_an_absurd_duration_keeps_the_agent_running() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let perms = "[watch.permissions]\nfile_mode = \"0644\"\n";
+    let config = env.config(&standard_config(perms));
+    let mut agent = Agent::start(&env, &config);
+    env.config(&standard_config(perms).replace(
+        "deletion_grace = \"1s\"",
+        "deletion_grace = \"300000000000years\"",
+    ));
+    fs::remove_file(&src).unwrap();
+    agent.signal(libc::SIGHUP);
+    assert!(
+        agent.wait_log("reload", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    round_trip(&env, &agent);
+    assert!(
+        agent.exited_within(Duration::ZERO).is_none(),
+        "{}",
+        agent.stderr()
+    );
+    write_atomic(&src, &creds(2));
+    assert!(wait_until(Duration::from_secs(5), || mode(&src) == 0o644));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("reload rejected"), "{log}");
+}
