@@ -321,7 +321,8 @@ fn check_copies(r: &mut Report, w: &WatchSettings, valid: Option<&(Secret, Valid
         let check = format!("{} copy {}", w.name, copy.dest.display());
         let sync = Some("run `cred-watch sync` (and check that the agent is running)");
         let (dir_path, name) = crate::config::split_file(&copy.dest);
-        let current = fsutil::open_dir(dir_path)
+        // The same checks the agent makes before it writes there.
+        let current = fsutil::open_private_dir(dir_path, None, true)
             .and_then(|d| fsutil::read_entry(d.as_fd(), dir_path, name, crate::source::MAX_SIZE));
         let (st, bytes) = match current {
             Ok(Some(found)) => found,
@@ -334,7 +335,7 @@ fn check_copies(r: &mut Report, w: &WatchSettings, valid: Option<&(Secret, Valid
                     check,
                     Level::Fail,
                     e.to_string(),
-                    Some("remove it; cred-watch writes only regular files"),
+                    Some("cred-watch writes only regular files, in directories that only root can change: fix the path or its owner/mode"),
                 );
                 continue;
             }
