@@ -5,10 +5,11 @@
 use crate::clock;
 use crate::config::{self, Settings};
 use crate::notify::{self, Notifier};
-use crate::reconcile::{reconcile, Reconciled, Valid};
+use crate::reconcile::reconcile;
 use crate::schedule::{Plan, Scheduler};
 use crate::state::{self, now_ms, State};
 use crate::systemd::{ServiceManager, Worker};
+use crate::tracker::{Effect, Now, Tracker};
 use crate::watch::{Change, Watcher};
 use anyhow::Context;
 use log::{debug, error, info, warn};
@@ -22,28 +23,12 @@ use std::time::{Duration, Instant};
 /// At most one state write per this interval during a storm.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
-/// Per-watch memory that does not need to survive a restart.
-#[derive(Debug, Default)]
-struct Runtime {
-    absent_since: Option<Instant>,
-    logout_warned: bool,
-    last_refusal: Option<String>,
-    retry_at: Option<Instant>,
-    retries: u32,
-    warned_fp: Option<String>,
-    expiry_warned: Option<i64>,
-    expiry_errored: Option<i64>,
-    /// `expiresAt` last applied (mirrors the state record), kept here so
-    /// the per-iteration timer scan does no map lookups: with 1,000 watches
-    /// those string compares were most of an event's cost.
-    expires_at: Option<i64>,
-}
-
 pub struct Agent {
     config_path: PathBuf,
     settings: Settings,
     watcher: Watcher,
-    rt: Vec<Runtime>,
+    /// One per watch, in the order of `settings.watches`.
+    trackers: Vec<Tracker>,
     sched: Scheduler,
     worker: Worker,
     /// Held for the agent's life: one agent per state directory.
@@ -94,7 +79,7 @@ impl Agent {
         let watchdog = notify::watchdog_interval();
         Ok(Agent {
             config_path,
-            rt: runtimes(&settings, &state),
+            trackers: trackers(&settings, &state),
             sched: Scheduler::new(settings.agent.settle),
             settings,
             watcher,
@@ -218,341 +203,114 @@ impl Agent {
 
     /// Reads, validates and applies watch `n`'s source.
     fn process(&mut self, n: usize, complete: bool) {
-        let now = Instant::now();
+        let now = Now::current();
         let w = &self.settings.watches[n];
         let rec = self.state.watches.entry(w.name.clone()).or_default();
         let before = rec.clone();
-        let units_before = self.state.units.clone();
         let last = rec.applied();
         let result = reconcile(w, self.watcher.dir_fd(n), last.as_ref(), &rec.copies, false);
-        let name = w.name.clone();
-        self.handle(n, complete, now, result);
-        // Write the state only when this watch's record (or the set of
-        // owed restarts) changed: an event that finds everything in sync,
+        let effects = self.trackers[n].on_read(w, rec, result, complete, now);
+        // Write the state only when this watch's record changed (or a
+        // restart became owed): an event that finds everything in sync,
         // like the echo of our own fchmod, costs no write and no fsync.
-        if self.state.watches.get(&name) != Some(&before) || self.state.units != units_before {
+        if *rec != before {
             self.dirty = true;
         }
+        self.execute(n, effects, now);
     }
 
-    fn handle(
-        &mut self,
-        n: usize,
-        complete: bool,
-        now: Instant,
-        result: Result<Reconciled, crate::fsutil::FsError>,
-    ) {
-        let w = &self.settings.watches[n];
-        match result {
-            Err(e) => {
-                let msg = e.to_string();
-                self.fail(n, msg);
+    /// Carries out what a tracker decided.
+    fn execute(&mut self, n: usize, effects: Vec<Effect>, now: Now) {
+        for effect in effects {
+            match effect {
+                Effect::Log(level, message) => log::log!(level, "{message}"),
+                Effect::Status(status) => self.notifier.status(&status),
+                Effect::Restart(units) => self.owe_restarts(n, &units, now),
+                Effect::Reread => self.process(n, true),
             }
-            Ok(Reconciled::Absent) => self.source_absent(n, now),
-            Ok(Reconciled::Busy(why)) => debug!(
-                "{}: {} {why}; its writer's next event brings it back",
-                w.name,
-                w.source.display()
-            ),
-            Ok(Reconciled::Unsafe(msg)) => self.refuse(n, msg),
-            Ok(Reconciled::Invalid(r)) if r.maybe_partial() && !complete => {
-                debug!(
-                    "{}: {} not complete yet ({r}); waiting for the write to finish",
-                    w.name,
-                    w.source.display()
-                );
-            }
-            Ok(Reconciled::Invalid(r)) => {
-                let msg = format!(
-                    "{}: refused: {r}; keeping the last good state",
-                    w.source.display()
-                );
-                self.refuse(n, msg);
-            }
-            Ok(Reconciled::Applied(v)) => self.applied(n, v, now),
         }
     }
 
-    fn refuse(&mut self, n: usize, msg: String) {
-        let w = &self.settings.watches[n];
-        let rt = &mut self.rt[n];
-        rt.absent_since = None;
-        if rt.last_refusal.as_deref() != Some(msg.as_str()) {
-            warn!("{}: {msg}", w.name);
-            self.notifier
-                .status(&format!("{}: refused a source file", w.name));
-        } else {
-            debug!("{}: {msg} (again)", w.name);
-        }
-        rt.last_refusal = Some(msg.clone());
-        self.state
-            .watches
-            .entry(w.name.clone())
-            .or_default()
-            .last_refusal = Some(msg);
-    }
-
-    fn fail(&mut self, n: usize, msg: String) {
-        let w = &self.settings.watches[n];
-        let rt = &mut self.rt[n];
-        rt.retries += 1;
-        let backoff = Duration::from_millis(500)
-            .saturating_mul(1 << rt.retries.min(10))
-            .min(Duration::from_secs(60));
-        rt.retry_at = Some(clock::later(Instant::now(), backoff));
-        error!(
-            "{}: {msg}; retrying in {}",
-            w.name,
-            config::format_duration(backoff)
-        );
-        self.state
-            .watches
-            .entry(w.name.clone())
-            .or_default()
-            .last_error = Some(msg);
-    }
-
-    fn source_absent(&mut self, n: usize, now: Instant) {
-        let w = &self.settings.watches[n];
-        let rt = &mut self.rt[n];
-        if rt.absent_since.is_none() {
-            rt.absent_since = Some(now);
-            rt.logout_warned = false;
-            info!(
-                "{}: {} is absent ({}); nothing downstream is removed",
-                w.name,
-                w.source.display(),
-                self.watcher.describe(n)
-            );
-        }
-        rt.last_refusal = None;
-    }
-
-    fn applied(&mut self, n: usize, v: Valid, now: Instant) {
-        let w = &self.settings.watches[n];
-        let rt = &mut self.rt[n];
-        if rt.absent_since.take().is_some() {
-            info!("{}: {} is back", w.name, w.source.display());
-        }
-        rt.last_refusal = None;
-        let fp = v.fingerprint.short();
-        if rt.warned_fp.as_deref() != Some(fp.as_str()) {
-            for msg in &v.warnings {
-                warn!("{}: {msg} (fingerprint {fp})", w.name);
-            }
-            rt.warned_fp = Some(fp.clone());
-        }
-        let rec = self.state.watches.entry(w.name.clone()).or_default();
-        rec.copies.extend(v.written.clone());
-        if !v.errors.is_empty() {
-            let msg = v.errors.join("; ");
-            self.fail(n, msg);
+    fn owe_restarts(&mut self, n: usize, units: &[String], now: Now) {
+        let Some(r) = &self.settings.watches[n].restart else {
             return;
-        }
-        rt.retries = 0;
-        rt.retry_at = None;
-        rec.last_error = None;
-        rec.last_refusal = None;
-        let expiry = v
-            .expires_at
-            .map(|e| format!(", expiresAt {}", crate::validate::fmt_ms(e)))
-            .unwrap_or_default();
-        let changes = if v.changes.is_empty() {
-            "nothing to change".to_string()
-        } else {
-            v.changes.join(", ")
         };
-        if v.content_changed {
-            let first = rec.fingerprint.is_none();
-            rec.set_applied(v.fingerprint, v.expires_at);
-            rt.expires_at = v.expires_at;
-            rt.expiry_warned = None;
-            rt.expiry_errored = None;
-            let action = format!("applied {fp}{expiry}: {changes}");
-            rec.last_action = Some(action.clone());
-            rec.last_action_at_ms = Some(now_ms());
-            match &w.restart {
-                Some(_) if first => info!(
-                    "{}: {action}; first credentials seen, adopted without a restart",
-                    w.name
-                ),
-                Some(r) => {
-                    for unit in &r.units {
-                        self.sched.request(unit, plan(r), now);
-                        let u = self.state.units.entry(unit.clone()).or_default();
-                        if !u.pending {
-                            u.pending = true;
-                            u.pending_since_ms = Some(now_ms());
-                        }
-                    }
-                    info!(
-                        "{}: {action}; restart of {} scheduled after {} quiet",
-                        w.name,
-                        r.units.join(", "),
-                        config::format_duration(self.settings.agent.settle)
-                    );
-                }
-                None => info!("{}: {action}", w.name),
-            }
-            self.notifier.status(&format!("{}: applied {fp}", w.name));
-        } else if !v.changes.is_empty() {
-            let action = format!("{fp} unchanged{expiry}: {changes}");
-            info!("{}: {action}", w.name);
-            rec.last_action = Some(action);
-            rec.last_action_at_ms = Some(now_ms());
-        } else {
-            debug!("{}: {fp} in sync", w.name);
+        for unit in units {
+            self.sched.request(unit, plan(r), now.at);
+            self.state
+                .units
+                .entry(unit.clone())
+                .or_default()
+                .owe(now.wall_ms);
         }
-        for msg in &v.warnings {
-            if msg.contains("modified by another writer") {
-                warn!("{}: {msg}", w.name);
-            }
-        }
-    }
-
-    /// Expiry of the token last applied, as (deadline for warning, for error).
-    fn expiry_deadlines(&self, n: usize) -> Option<(i64, i64)> {
-        let exp = self.rt[n].expires_at?;
-        Some((
-            exp.saturating_sub(clock::ms(self.settings.watches[n].expiry_warning)),
-            exp,
-        ))
+        self.dirty = true;
     }
 
     fn check_timers(&mut self) {
-        let now = Instant::now();
-        let wall = now_ms();
-        for n in 0..self.watcher.len() {
-            let w = &self.settings.watches[n];
-            let rt = &mut self.rt[n];
-            if let Some(since) = rt.absent_since {
-                if !rt.logout_warned && now >= clock::later(since, w.deletion_grace) {
-                    rt.logout_warned = true;
-                    warn!(
-                        "{}: {} has been absent for {}: this looks like a logout, not a login; nothing downstream was removed",
-                        w.name,
-                        w.source.display(),
-                        config::format_duration(w.deletion_grace)
-                    );
-                }
-            }
-            if let Some((warn_at, exp)) = self.expiry_deadlines(n) {
-                let rt = &mut self.rt[n];
-                if wall >= exp && rt.expiry_errored != Some(exp) {
-                    rt.expiry_errored = Some(exp);
-                    error!(
-                        "{}: the token last applied expired at {} and no newer file arrived: nothing is refreshing it (run the CLI or /login as its user)",
-                        w.name,
-                        crate::validate::fmt_ms(exp)
-                    );
-                } else if wall >= warn_at && wall < exp && rt.expiry_warned != Some(exp) {
-                    rt.expiry_warned = Some(exp);
-                    warn!(
-                        "{}: the token last applied expires at {} (in {}) and no newer file has arrived: is anything refreshing it?",
-                        w.name,
-                        crate::validate::fmt_ms(exp),
-                        config::format_duration(Duration::from_secs(clock::between_ms(wall, exp).as_secs()))
-                    );
-                }
-            }
-            if self.rt[n].retry_at.is_some_and(|at| now >= at) {
-                self.rt[n].retry_at = None;
-                self.process(n, true);
-            }
+        let now = Now::current();
+        for n in 0..self.trackers.len() {
+            let effects = self.trackers[n].on_tick(&self.settings.watches[n], now);
+            self.execute(n, effects, now);
         }
-        let jobs = self.sched.take_due(now);
+        let jobs = self.sched.take_due(now.at);
         if !jobs.is_empty() {
             for job in &jobs {
                 info!("restarting {} ({})", job.unit, job.plan.action.method());
             }
-            self.notifier.status(&format!(
-                "restarting {}",
-                jobs.iter()
-                    .map(|j| j.unit.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            let units: Vec<&str> = jobs.iter().map(|j| j.unit.as_str()).collect();
+            self.notifier
+                .status(&format!("restarting {}", units.join(", ")));
             self.worker.submit(jobs);
         }
-        if self.next_resync.is_some_and(|at| now >= at) {
+        if self.next_resync.is_some_and(|at| now.at >= at) {
             self.reconcile_all("resync_interval");
         }
-        if let (Some(every), true) = (self.watchdog, self.next_watchdog.is_none_or(|at| now >= at))
-        {
+        if let (Some(every), true) = (
+            self.watchdog,
+            self.next_watchdog.is_none_or(|at| now.at >= at),
+        ) {
             self.notifier.send("WATCHDOG=1");
-            self.next_watchdog = Some(clock::later(now, every / 2));
+            self.next_watchdog = Some(clock::later(now.at, every / 2));
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let now = Instant::now();
-        let wall = now_ms();
-        let mut next: Option<Instant> = None;
-        let mut push = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
-        for at in [
+        let now = Now::current();
+        let agent = [
             self.sched.next_deadline(),
             self.next_resync,
             self.next_watchdog,
             self.persist_due(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            push(at);
-        }
-        for (n, rt) in self.rt.iter().enumerate() {
-            let w = &self.settings.watches[n];
-            if let (Some(since), false) = (rt.absent_since, rt.logout_warned) {
-                push(clock::later(since, w.deletion_grace));
-            }
-            if let Some(at) = rt.retry_at {
-                push(at);
-            }
-            if let Some((warn_at, exp)) = self.expiry_deadlines(n) {
-                let at = if rt.expiry_warned != Some(exp) && wall < warn_at {
-                    Some(warn_at)
-                } else if rt.expiry_errored != Some(exp) {
-                    Some(exp.max(warn_at))
-                } else {
-                    None
-                };
-                if let Some(at) = at {
-                    push(clock::later(now, clock::between_ms(wall, at)));
-                }
-            }
-        }
-        next
+        ];
+        let watches = self
+            .trackers
+            .iter()
+            .zip(&self.settings.watches)
+            .map(|(t, w)| t.next_deadline(w, now));
+        agent.into_iter().chain(watches).flatten().min()
     }
 
     fn restart_outcomes(&mut self) {
-        let now = Instant::now();
+        let now = Now::current();
         for out in self.worker.finished() {
-            let ok = out.result.is_ok();
-            let backoff = self.sched.finished(&out.unit, ok, now);
+            let backoff = self.sched.finished(&out.unit, out.result.is_ok(), now.at);
+            let still_owed = self.sched.is_pending(&out.unit);
+            let failures = self.sched.failures(&out.unit);
             let rec = self.state.units.entry(out.unit.clone()).or_default();
-            rec.last_restart_ms = Some(now_ms());
-            match &out.result {
+            match out.result {
                 Ok(()) => {
-                    rec.restarts += 1;
-                    rec.failures = 0;
-                    rec.last_result = Some("done".into());
-                    if !self.sched.is_pending(&out.unit) {
-                        rec.pending = false;
-                        rec.pending_since_ms = None;
-                    }
+                    rec.restarted(now.wall_ms, still_owed);
                     info!("restarted {}", out.unit);
                     self.notifier.status(&format!("restarted {}", out.unit));
                 }
                 Err(e) => {
-                    rec.failures = self.sched.failures(&out.unit);
-                    rec.last_result = Some(e.clone());
-                    rec.pending = true;
                     error!(
                         "restart of {} failed: {e}; retrying in {} (attempt {})",
                         out.unit,
                         config::format_duration(backoff.unwrap_or_default()),
-                        rec.failures + 1
+                        failures.saturating_add(1)
                     );
+                    rec.restart_failed(now.wall_ms, e, failures);
                     self.notifier
                         .status(&format!("restart of {} failed", out.unit));
                 }
@@ -573,7 +331,7 @@ impl Agent {
             })) => {
                 crate::logging::set_level(new.agent.log_level.filter());
                 self.sched.set_settle(new.agent.settle);
-                self.rt = runtimes(&new, &self.state);
+                self.trackers = trackers(&new, &self.state);
                 self.watcher = watcher;
                 if let Some(lock) = lock {
                     self.lock = lock;
@@ -647,8 +405,8 @@ impl Agent {
 
     fn summary(&self) -> String {
         let n = self.settings.watches.len();
-        let refused = self.rt.iter().filter(|r| r.last_refusal.is_some()).count();
-        let absent = self.rt.iter().filter(|r| r.absent_since.is_some()).count();
+        let refused = self.trackers.iter().filter(|t| t.is_refused()).count();
+        let absent = self.trackers.iter().filter(|t| t.is_absent()).count();
         format!("watching {n} source(s), {absent} absent, {refused} refused")
     }
 
@@ -738,15 +496,12 @@ impl Agent {
     }
 }
 
-/// Fresh per-watch memory, seeded with what the state knows.
-fn runtimes(settings: &Settings, state: &State) -> Vec<Runtime> {
+/// Fresh per-watch trackers, continuing from what the state knows.
+fn trackers(settings: &Settings, state: &State) -> Vec<Tracker> {
     settings
         .watches
         .iter()
-        .map(|w| Runtime {
-            expires_at: state.watches.get(&w.name).and_then(|r| r.expires_at_ms),
-            ..Runtime::default()
-        })
+        .map(|w| Tracker::new(state.watches.get(&w.name), settings.agent.settle))
         .collect()
 }
 

@@ -6,7 +6,7 @@ use crate::config::{CopySettings, PermissionSettings};
 use crate::fsutil::{self, perm_bits, DirChain, FileMeta, FsError};
 use crate::source::SourceFile;
 use crate::validate::{Fingerprint, Secret};
-use nix::sys::stat::{fchmod, fstat, Mode};
+use nix::sys::stat::{fchmod, fstat, FileStat, Mode};
 use nix::unistd::{Gid, Uid};
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -107,23 +107,11 @@ pub fn ensure_copy(
     };
     let current = fsutil::read_entry(dir.as_fd(), dir_path, name, crate::source::MAX_SIZE)?;
     let previous = current.as_ref().map(|(_, bytes)| Fingerprint::of(bytes));
-    let reason = match &current {
-        None => "created",
-        Some((st, bytes)) => {
-            if bytes != &payload.0 {
-                "content updated"
-            } else if perm_bits(st) != copy.mode
-                || owner.is_some_and(|u| u.as_raw() != st.st_uid)
-                || group.is_some_and(|g| g.as_raw() != st.st_gid)
-            {
-                "owner/mode restored"
-            } else {
-                return Ok(CopyOutcome {
-                    change: None,
-                    previous,
-                });
-            }
-        }
+    let Some(reason) = difference(current.as_ref(), payload, copy, owner, group) else {
+        return Ok(CopyOutcome {
+            change: None,
+            previous,
+        });
     };
     if !dry_run {
         fsutil::replace_file(
@@ -142,4 +130,27 @@ pub fn ensure_copy(
         change: Some(format!("copy {} {reason}", copy.dest.display())),
         previous,
     })
+}
+
+/// Why the destination must be written, if it must.
+fn difference(
+    current: Option<&(FileStat, Vec<u8>)>,
+    payload: &Secret,
+    copy: &CopySettings,
+    owner: Option<Uid>,
+    group: Option<Gid>,
+) -> Option<&'static str> {
+    let Some((st, bytes)) = current else {
+        return Some("created");
+    };
+    if bytes != &payload.0 {
+        Some("content updated")
+    } else if perm_bits(st) != copy.mode
+        || owner.is_some_and(|u| u.as_raw() != st.st_uid)
+        || group.is_some_and(|g| g.as_raw() != st.st_gid)
+    {
+        Some("owner/mode restored")
+    } else {
+        None
+    }
 }

@@ -1,7 +1,9 @@
 //! Command line: parses flags, sets up logging, dispatches, and turns errors
 //! into exit codes (78 for any configuration error).
 
-use crate::config::{self, ConfigError};
+use crate::config::{self, ConfigError, Settings};
+use crate::doubles::{FixtureUnits, Recorder, RECORD_ENV, UNITS_FIXTURE_ENV};
+use crate::systemd::{ServiceManager, Systemd, SystemdQuery, UnitQuery};
 use crate::EX_CONFIG;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -73,54 +75,103 @@ pub fn run() -> i32 {
         }
     };
     crate::logging::set_level(settings.agent.log_level.filter());
-    let result = match cli.command {
+    exit_code(dispatch(cli.command, path, settings))
+}
+
+/// The service manager and the unit query, chosen once from the
+/// environment and passed down to the commands that use them.
+pub struct Backends {
+    pub manager: Box<dyn ServiceManager>,
+    pub query: Box<dyn UnitQuery>,
+}
+
+impl Backends {
+    /// systemd over D-Bus, or the test doubles that the environment asks
+    /// for (see [`crate::doubles`]): each double in use is logged as a
+    /// warning, so a stray `Environment=` cannot silently stop restarts.
+    pub fn from_env() -> Backends {
+        let manager: Box<dyn ServiceManager> = match Recorder::from_env() {
+            Some(recorder) => {
+                log::warn!(
+                    "{RECORD_ENV} is set: restarts are NOT sent to systemd, only recorded in {} \
+                     (a test double: remove the variable from the environment)",
+                    recorder.path.display()
+                );
+                Box::new(recorder)
+            }
+            None => Box::new(Systemd),
+        };
+        let query: Box<dyn UnitQuery> = match FixtureUnits::from_env() {
+            Some(fixture) => {
+                log::warn!(
+                    "{UNITS_FIXTURE_ENV} is set: units are NOT asked of systemd, they are read \
+                     from {} (a test double: remove the variable from the environment)",
+                    fixture.path.display()
+                );
+                Box::new(fixture)
+            }
+            None => Box::new(SystemdQuery::default()),
+        };
+        Backends { manager, query }
+    }
+}
+
+fn dispatch(command: Command, path: PathBuf, settings: Settings) -> anyhow::Result<i32> {
+    match command {
         Command::Check => {
-            print!(
-                "# effective configuration from {}\n{}",
-                settings
-                    .files
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                settings.to_toml()
-            );
+            print_effective(&settings);
             Ok(0)
         }
-        Command::Run => crate::agent::run(path, settings, crate::systemd::from_env()).map(|()| 0),
+        Command::Run => crate::agent::run(path, settings, Backends::from_env().manager).map(|()| 0),
         Command::Sync { dry_run, watch } => {
-            crate::commands::sync(&settings, dry_run, watch.as_deref())
+            let manager = Backends::from_env().manager;
+            crate::commands::sync(&settings, dry_run, watch.as_deref(), manager)
         }
         Command::Doctor { json, users } => {
-            let findings = crate::doctor::diagnose(
-                &settings,
-                &users,
-                crate::systemd::query_from_env().as_mut(),
-            );
+            let mut query = Backends::from_env().query;
+            let findings = crate::doctor::diagnose(&settings, &users, query.as_mut());
             Ok(crate::doctor::print(&findings, json))
         }
         Command::Status { json } => crate::commands::status(&settings, json),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            if let Some(ce) = e.downcast_ref::<ConfigError>() {
-                return config_error(ce);
-            }
-            if let Some(se @ crate::state::StateError::Unsafe(_)) =
-                e.downcast_ref::<crate::state::StateError>()
-            {
-                log::error!("unsafe state directory: {se}");
-                return EX_CONFIG;
-            }
-            // The error chain, one cause per line.
-            log::error!("{e}");
-            for cause in e.chain().skip(1) {
-                log::error!("  caused by: {cause}");
-            }
-            1
-        }
     }
+}
+
+/// What `check` prints: the files read and the effective configuration.
+fn print_effective(settings: &Settings) {
+    let files: Vec<String> = settings
+        .files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    print!(
+        "# effective configuration from {}\n{}",
+        files.join(", "),
+        settings.to_toml()
+    );
+}
+
+/// The exit code for a command's result: 78 for a configuration error or
+/// an unsafe state directory, else 1 with the error chain logged.
+fn exit_code(result: anyhow::Result<i32>) -> i32 {
+    let e = match result {
+        Ok(code) => return code,
+        Err(e) => e,
+    };
+    if let Some(ce) = e.downcast_ref::<ConfigError>() {
+        return config_error(ce);
+    }
+    if let Some(se @ crate::state::StateError::Unsafe(_)) =
+        e.downcast_ref::<crate::state::StateError>()
+    {
+        log::error!("unsafe state directory: {se}");
+        return EX_CONFIG;
+    }
+    // The error chain, one cause per line.
+    log::error!("{e}");
+    for cause in e.chain().skip(1) {
+        log::error!("  caused by: {cause}");
+    }
+    1
 }
 
 fn config_error(e: &ConfigError) -> i32 {

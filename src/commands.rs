@@ -2,18 +2,26 @@
 //! `status` (what the agent last did, from the state file).
 
 use crate::clock;
-use crate::config::{format_duration, Settings};
+use crate::config::{format_duration, Settings, WatchSettings};
 use crate::fsutil::{self, FsError};
 use crate::reconcile::{reconcile, Reconciled};
-use crate::state::{self, now_ms};
+use crate::state::{self, now_ms, State};
+use crate::systemd::ServiceManager;
+use crate::tracker::{Effect, Now, Tracker};
 use crate::validate::fmt_ms;
 use anyhow::bail;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
 /// One reconcile pass. Returns 0 when every watch is in sync or was
-/// applied, 1 otherwise.
-pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::Result<i32> {
+/// applied, 1 otherwise. The state is updated by the same tracker rules
+/// as the agent's, so the two never disagree about what happened.
+pub fn sync(
+    settings: &Settings,
+    dry_run: bool,
+    only: Option<&str>,
+    manager: Box<dyn ServiceManager>,
+) -> anyhow::Result<i32> {
     if let Some(name) = only {
         if settings.watch(name).is_none() {
             bail!("no watch named {name:?} in the configuration");
@@ -32,126 +40,16 @@ pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::R
         }
     };
     let mut st = state::load_or_fresh(dir)?;
-    let mut manager = (!dry_run).then(crate::systemd::from_env);
+    let mut manager = (!dry_run).then_some(manager);
     let mut healthy = true;
-    let verb = if dry_run { "would apply" } else { "applied" };
     for w in settings
         .watches
         .iter()
         .filter(|w| only.is_none_or(|n| n == w.name))
     {
-        let (dir_path, _) = w.source_dir_and_name();
-        let rec = st.watches.entry(w.name.clone()).or_default();
-        let last = rec.applied();
-        let dir_fd = match fsutil::open_dir(dir_path) {
-            Ok(fd) => Some(fd),
-            Err(FsError::Missing(_)) => None,
-            Err(e) => {
-                println!("{}: {e}", w.name);
-                healthy = false;
-                continue;
-            }
-        };
-        let result = reconcile(
-            w,
-            dir_fd.as_ref().map(|f| f.as_fd()),
-            last.as_ref(),
-            &rec.copies,
-            dry_run,
-        )?;
-        let mut restart = false;
-        match result {
-            Reconciled::Absent => {
-                println!(
-                    "{}: {} is absent; nothing to do",
-                    w.name,
-                    w.source.display()
-                );
-                healthy = false;
-            }
-            Reconciled::Unsafe(msg) => {
-                println!("{}: {msg}", w.name);
-                healthy = false;
-            }
-            Reconciled::Busy(why) => {
-                println!(
-                    "{}: {} {why}; try again when its writer is done",
-                    w.name,
-                    w.source.display()
-                );
-                healthy = false;
-            }
-            Reconciled::Invalid(r) => {
-                println!("{}: {}: refused: {r}", w.name, w.source.display());
-                healthy = false;
-            }
-            Reconciled::Applied(v) => {
-                let expiry = v
-                    .expires_at
-                    .map(|e| format!(", expiresAt {}", fmt_ms(e)))
-                    .unwrap_or_default();
-                for warning in &v.warnings {
-                    println!("{}: warning: {warning}", w.name);
-                }
-                for err in &v.errors {
-                    println!("{}: error: {err}", w.name);
-                }
-                if !v.errors.is_empty() {
-                    healthy = false;
-                } else if v.changes.is_empty() && !v.content_changed {
-                    println!("{}: in sync ({}{expiry})", w.name, v.fingerprint.short());
-                } else {
-                    let changes = if v.changes.is_empty() {
-                        "new credentials".into()
-                    } else {
-                        v.changes.join(", ")
-                    };
-                    println!(
-                        "{}: {verb} {}{expiry}: {changes}",
-                        w.name,
-                        v.fingerprint.short()
-                    );
-                }
-                if !dry_run && v.errors.is_empty() {
-                    rec.copies.extend(v.written);
-                    restart = v.content_changed && rec.fingerprint.is_some();
-                    if v.content_changed {
-                        rec.set_applied(v.fingerprint, v.expires_at);
-                    }
-                    rec.last_action = Some(format!("sync: {}", v.fingerprint.short()));
-                    rec.last_action_at_ms = Some(now_ms());
-                }
-            }
-        }
-        let Some(r) = &w.restart else { continue };
-        for unit in &r.units {
-            let owed = restart || st.units.get(unit).is_some_and(|u| u.pending);
-            if !owed {
-                continue;
-            }
-            let Some(manager) = manager.as_mut() else {
-                println!("{}: would restart {unit}", w.name);
-                continue;
-            };
-            let u = st.units.entry(unit.clone()).or_default();
-            u.last_restart_ms = Some(now_ms());
-            match manager.restart(unit, r.action, r.timeout) {
-                Ok(()) => {
-                    println!("{}: restarted {unit}", w.name);
-                    u.pending = false;
-                    u.restarts += 1;
-                    u.failures = 0;
-                    u.last_result = Some("done".into());
-                }
-                Err(e) => {
-                    println!("{}: restart of {unit} failed: {e:#}", w.name);
-                    u.pending = true;
-                    u.failures += 1;
-                    u.last_result = Some(format!("{e:#}"));
-                    healthy = false;
-                }
-            }
-        }
+        let (ok, restart) = sync_watch(w, &mut st, dry_run);
+        healthy &= ok;
+        healthy &= sync_restarts(w, &mut st, restart, &mut manager);
     }
     if !dry_run {
         st.agent.last_reconcile_ms = Some(now_ms());
@@ -165,44 +63,124 @@ pub fn sync(settings: &Settings, dry_run: bool, only: Option<&str>) -> anyhow::R
     Ok(if healthy { 0 } else { 1 })
 }
 
+/// Reconciles one watch and records it. Returns (healthy, restart owed).
+fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool) -> (bool, bool) {
+    let (dir_path, _) = w.source_dir_and_name();
+    let rec = st.watches.entry(w.name.clone()).or_default();
+    let last = rec.applied();
+    let dir_fd = match fsutil::open_dir(dir_path) {
+        Ok(fd) => Some(fd),
+        Err(FsError::Missing(_)) => None,
+        Err(e) => {
+            println!("{}: {e}", w.name);
+            return (false, false);
+        }
+    };
+    let dir = dir_fd.as_ref().map(|f| f.as_fd());
+    let result = reconcile(w, dir, last.as_ref(), &rec.copies, dry_run);
+    let healthy = print_outcome(w, &result, dry_run);
+    if dry_run {
+        return (healthy, false);
+    }
+    let mut tracker = Tracker::new(Some(rec), Duration::ZERO);
+    let effects = tracker.on_read(w, rec, result, true, Now::current());
+    let restart = effects.iter().any(|e| matches!(e, Effect::Restart(_)));
+    (healthy, restart)
+}
+
+/// Says what one reconcile found; returns whether the watch is healthy.
+fn print_outcome(w: &WatchSettings, result: &Result<Reconciled, FsError>, dry_run: bool) -> bool {
+    let name = &w.name;
+    let v = match result {
+        Err(e) => {
+            println!("{name}: {e}");
+            return false;
+        }
+        Ok(Reconciled::Absent) => {
+            println!("{name}: {} is absent; nothing to do", w.source.display());
+            return false;
+        }
+        Ok(Reconciled::Busy(why)) => {
+            println!(
+                "{name}: {} {why}; try again when its writer is done",
+                w.source.display()
+            );
+            return false;
+        }
+        Ok(Reconciled::Applied(v)) => v,
+        Ok(refused) => {
+            let why = refused.refusal(&w.source).unwrap_or_default();
+            println!("{name}: {why}");
+            return false;
+        }
+    };
+    let expiry = v
+        .expires_at
+        .map(|e| format!(", expiresAt {}", fmt_ms(e)))
+        .unwrap_or_default();
+    for notice in &v.notices {
+        println!("{name}: warning: {notice}");
+    }
+    for err in &v.errors {
+        println!("{name}: error: {err}");
+    }
+    let fp = v.fingerprint.short();
+    if !v.errors.is_empty() {
+        return false;
+    }
+    if v.changes.is_empty() && !v.content_changed {
+        println!("{name}: in sync ({fp}{expiry})");
+    } else {
+        let changes = if v.changes.is_empty() {
+            "new credentials".into()
+        } else {
+            v.changes.join(", ")
+        };
+        let verb = if dry_run { "would apply" } else { "applied" };
+        println!("{name}: {verb} {fp}{expiry}: {changes}");
+    }
+    true
+}
+
+/// Restarts the watch's units that are owed one (now, or still pending
+/// from the agent). Returns false when one failed.
+fn sync_restarts(
+    w: &WatchSettings,
+    st: &mut State,
+    changed: bool,
+    manager: &mut Option<Box<dyn ServiceManager>>,
+) -> bool {
+    let Some(r) = &w.restart else { return true };
+    let mut healthy = true;
+    for unit in &r.units {
+        let owed = changed || st.units.get(unit).is_some_and(|u| u.pending);
+        if !owed {
+            continue;
+        }
+        let Some(manager) = manager.as_mut() else {
+            println!("{}: would restart {unit}", w.name);
+            continue;
+        };
+        let u = st.units.entry(unit.clone()).or_default();
+        match manager.restart(unit, r.action, r.timeout) {
+            Ok(()) => {
+                println!("{}: restarted {unit}", w.name);
+                u.restarted(now_ms(), false);
+            }
+            Err(e) => {
+                println!("{}: restart of {unit} failed: {e:#}", w.name);
+                u.restart_failed(now_ms(), format!("{e:#}"), u.failures.saturating_add(1));
+                healthy = false;
+            }
+        }
+    }
+    healthy
+}
+
 /// `sync` while the agent runs: ask it for a full reconcile (SIGUSR1),
 /// wait until its state file records one, and report from that.
 fn sync_by_agent(settings: &Settings, only: Option<&str>) -> anyhow::Result<i32> {
-    let dir = &settings.agent.state_dir;
-    let load = || state::load_or_fresh(dir);
-    // A starting agent holds the lock a moment before it records its PID.
-    let mut pid = None;
-    for _ in 0..40 {
-        pid = load()?.agent.running_pid();
-        if pid.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let Some(pid) = pid else {
-        bail!(
-            "{} is held by a process that is not a recorded cred-watch agent; not syncing",
-            dir.join(state::LOCK_FILE).display()
-        );
-    };
-    let asked = now_ms();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGUSR1,
-    )
-    .map_err(|e| anyhow::anyhow!("signalling the agent (PID {pid}): {e}"))?;
-    println!("the agent (PID {pid}) is running: asked it to reconcile (SIGUSR1)");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let st = loop {
-        let st = load()?;
-        if st.agent.last_reconcile_ms.is_some_and(|t| t >= asked) {
-            break st;
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("the agent (PID {pid}) did not record a reconcile within 10s; see `journalctl -u cred-watch`");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let st = ask_agent(&settings.agent.state_dir)?;
     let mut healthy = true;
     for w in settings
         .watches
@@ -268,50 +246,94 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<i32> {
         st.agent.last_reconcile_result.as_deref().unwrap_or("-")
     );
     for w in &settings.watches {
-        let rec = st.watches.get(&w.name).cloned().unwrap_or_default();
-        println!("watch {}: {}", w.name, w.source.display());
-        println!(
-            "  applied: {} at {}",
-            rec.short_fingerprint().unwrap_or("nothing yet"),
-            ago(rec.applied_at_ms)
-        );
-        if let Some(exp) = rec.expires_at_ms {
-            let left = exp.saturating_sub(now_ms());
-            let when = if left > 0 {
-                format!(
-                    "in {}",
-                    format_duration(Duration::from_secs((left / 1000) as u64))
-                )
-            } else {
-                "EXPIRED".into()
-            };
-            println!("  token expires: {} ({when})", fmt_ms(exp));
-        }
-        println!(
-            "  last action: {} at {}",
-            rec.last_action.as_deref().unwrap_or("-"),
-            ago(rec.last_action_at_ms)
-        );
-        if let Some(r) = &rec.last_refusal {
-            println!("  last refusal: {r}");
-        }
-        if let Some(e) = &rec.last_error {
-            println!("  last error: {e}");
-        }
-        for unit in w.restart.iter().flat_map(|r| &r.units) {
-            let u = st.units.get(unit).cloned().unwrap_or_default();
-            println!(
-                "  unit {unit}: {}, last restart {} ({}), {} restarts",
-                if u.pending {
-                    "restart PENDING"
-                } else {
-                    "no restart pending"
-                },
-                ago(u.last_restart_ms),
-                u.last_result.as_deref().unwrap_or("-"),
-                u.restarts
-            );
-        }
+        print_watch_status(w, &st);
     }
     Ok(0)
+}
+
+/// One watch's part of `status`.
+fn print_watch_status(w: &WatchSettings, st: &State) {
+    let rec = st.watches.get(&w.name).cloned().unwrap_or_default();
+    println!("watch {}: {}", w.name, w.source.display());
+    println!(
+        "  applied: {} at {}",
+        rec.short_fingerprint().unwrap_or("nothing yet"),
+        ago(rec.applied_at_ms)
+    );
+    if let Some(exp) = rec.expires_at_ms {
+        let left = exp.saturating_sub(now_ms());
+        let when = if left > 0 {
+            format!(
+                "in {}",
+                format_duration(Duration::from_secs((left / 1000) as u64))
+            )
+        } else {
+            "EXPIRED".into()
+        };
+        println!("  token expires: {} ({when})", fmt_ms(exp));
+    }
+    println!(
+        "  last action: {} at {}",
+        rec.last_action.as_deref().unwrap_or("-"),
+        ago(rec.last_action_at_ms)
+    );
+    if let Some(r) = &rec.last_refusal {
+        println!("  last refusal: {r}");
+    }
+    if let Some(e) = &rec.last_error {
+        println!("  last error: {e}");
+    }
+    for unit in w.restart.iter().flat_map(|r| &r.units) {
+        let u = st.units.get(unit).cloned().unwrap_or_default();
+        println!(
+            "  unit {unit}: {}, last restart {} ({}), {} restarts",
+            if u.pending {
+                "restart PENDING"
+            } else {
+                "no restart pending"
+            },
+            ago(u.last_restart_ms),
+            u.last_result.as_deref().unwrap_or("-"),
+            u.restarts
+        );
+    }
+}
+
+/// Sends the running agent SIGUSR1 and returns its state once it records
+/// the reconcile that followed.
+fn ask_agent(dir: &std::path::Path) -> anyhow::Result<State> {
+    let load = || state::load_or_fresh(dir);
+    // A starting agent holds the lock a moment before it records its PID.
+    let mut pid = None;
+    for _ in 0..40 {
+        pid = load()?.agent.running_pid();
+        if pid.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
+        bail!(
+            "{} is held by a process that is not a recorded cred-watch agent; not syncing",
+            dir.join(state::LOCK_FILE).display()
+        );
+    };
+    let asked = now_ms();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .map_err(|e| anyhow::anyhow!("signalling the agent (PID {pid}): {e}"))?;
+    println!("the agent (PID {pid}) is running: asked it to reconcile (SIGUSR1)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = load()?;
+        if st.agent.last_reconcile_ms.is_some_and(|t| t >= asked) {
+            return Ok(st);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the agent (PID {pid}) did not record a reconcile within 10s; see `journalctl -u cred-watch`");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -16,6 +16,8 @@ pub mod commands;
 pub mod config;
 /// Host diagnosis: one line per check with the reason and the fix.
 pub mod doctor;
+/// Test doubles for systemd, chosen by environment variables.
+pub mod doubles;
 /// Path walking through directory fds and atomic replacement.
 pub mod fsutil;
 /// Logging to stderr with syslog priority prefixes under journald.
@@ -32,6 +34,8 @@ pub mod source;
 pub mod state;
 /// Service manager trait, restart worker and test recorder.
 pub mod systemd;
+/// The rules of one watch as events in, effects out (no I/O).
+pub mod tracker;
 /// Credential formats, fingerprints and refusals.
 pub mod validate;
 /// Inotify watches that survive deletion and re-creation of directories.

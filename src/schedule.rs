@@ -8,8 +8,9 @@ use crate::config::RestartAction;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
-pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// Failed restarts are retried after 1 s, doubling to 5 min.
+pub const BACKOFF: clock::Backoff =
+    clock::Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
 
 /// How one unit is restarted (from the watch that asked).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,10 +159,8 @@ impl Scheduler {
             u.failures = 0;
             return None;
         }
-        u.failures += 1;
-        let backoff = BACKOFF_BASE
-            .saturating_mul(1 << (u.failures - 1).min(16))
-            .min(BACKOFF_CAP);
+        u.failures = u.failures.saturating_add(1);
+        let backoff = BACKOFF.delay(u.failures);
         if !u.pending {
             u.pending = true;
             u.pending_since = Some(now);
@@ -257,7 +256,7 @@ mod tests {
         for _ in 0..20 {
             let at = s.next_deadline().unwrap();
             s.take_due(at);
-            assert!(s.finished("a.service", false, at).unwrap() <= BACKOFF_CAP);
+            assert!(s.finished("a.service", false, at).unwrap() <= Duration::from_secs(300));
         }
     }
 }

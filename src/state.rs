@@ -81,10 +81,10 @@ impl WatchRecord {
         })
     }
 
-    pub fn set_applied(&mut self, fp: Fingerprint, expires_at: Option<i64>) {
+    pub fn set_applied(&mut self, fp: Fingerprint, expires_at: Option<i64>, now_ms: i64) {
         self.fingerprint = Some(fp.hex());
         self.expires_at_ms = expires_at;
-        self.applied_at_ms = Some(now_ms());
+        self.applied_at_ms = Some(now_ms);
     }
 
     /// What is wrong with this watch now: the last error, else the last
@@ -107,6 +107,37 @@ pub struct UnitRecord {
     pub last_result: Option<String>,
     pub failures: u32,
     pub restarts: u64,
+}
+
+impl UnitRecord {
+    /// A restart is owed (since `now_ms`, unless it already was).
+    pub fn owe(&mut self, now_ms: i64) {
+        if !self.pending {
+            self.pending = true;
+            self.pending_since_ms = Some(now_ms);
+        }
+    }
+
+    /// A restart job finished with `done`. `still_owed`: a change arrived
+    /// while it ran, so one more restart is owed.
+    pub fn restarted(&mut self, now_ms: i64, still_owed: bool) {
+        self.last_restart_ms = Some(now_ms);
+        self.restarts = self.restarts.saturating_add(1);
+        self.failures = 0;
+        self.last_result = Some("done".into());
+        if !still_owed {
+            self.pending = false;
+            self.pending_since_ms = None;
+        }
+    }
+
+    /// A restart failed for the `failures`-th time in a row: still owed.
+    pub fn restart_failed(&mut self, now_ms: i64, why: String, failures: u32) {
+        self.last_restart_ms = Some(now_ms);
+        self.failures = failures;
+        self.last_result = Some(why);
+        self.owe(now_ms);
+    }
 }
 
 pub fn now_ms() -> i64 {

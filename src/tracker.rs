@@ -1,0 +1,354 @@
+//! The rules of one watch, free of I/O: what a read outcome or the passing
+//! of time means — refusal de-duplication, deletion grace, expiry warning
+//! and error, retry backoff, first-sight adoption — and what the state
+//! records. The agent and `sync` feed it events with the current time and
+//! carry out the effects it returns, so the two cannot disagree.
+
+use crate::clock::{self, Backoff};
+use crate::config::{format_duration, WatchSettings};
+use crate::fsutil::FsError;
+use crate::reconcile::{Reconciled, Valid};
+use crate::state::WatchRecord;
+use crate::validate::{fmt_ms, Fingerprint};
+use log::Level;
+use std::time::{Duration, Instant};
+
+/// Failed actions (a copy, a mode) are retried after 1 s, doubling to 1 min.
+pub const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
+/// The current time, injected: monotonic for deadlines, the wall clock for
+/// `expiresAt` and the state's timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub at: Instant,
+    pub wall_ms: i64,
+}
+
+impl Now {
+    pub fn current() -> Now {
+        Now {
+            at: Instant::now(),
+            wall_ms: crate::state::now_ms(),
+        }
+    }
+
+    /// `d` later, on both clocks.
+    pub fn plus(self, d: Duration) -> Now {
+        Now {
+            at: clock::later(self.at, d),
+            wall_ms: self.wall_ms.saturating_add(clock::ms(d)),
+        }
+    }
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Log(Level, String),
+    /// A `STATUS=` line for systemd.
+    Status(String),
+    /// The credential changed: these units owe a restart.
+    Restart(Vec<String>),
+    /// A failed action is due for another try: read the source again.
+    Reread,
+}
+
+/// What one watch remembers between events (the state record holds what
+/// must survive an agent restart).
+#[derive(Debug, Default)]
+pub struct Tracker {
+    absent_since: Option<Instant>,
+    logout_warned: bool,
+    last_refusal: Option<String>,
+    retry_at: Option<Instant>,
+    failures: u32,
+    warned_fp: Option<Fingerprint>,
+    expiry_warned: Option<i64>,
+    expiry_errored: Option<i64>,
+    /// `expiresAt` last applied (mirrors the state record).
+    expires_at: Option<i64>,
+    /// Quiet period before restarts, for the log line only.
+    settle: Duration,
+}
+
+impl Tracker {
+    /// A tracker that continues from the state's record.
+    pub fn new(rec: Option<&WatchRecord>, settle: Duration) -> Tracker {
+        Tracker {
+            expires_at: rec.and_then(|r| r.expires_at_ms),
+            settle,
+            ..Tracker::default()
+        }
+    }
+
+    pub fn is_absent(&self) -> bool {
+        self.absent_since.is_some()
+    }
+
+    pub fn is_refused(&self) -> bool {
+        self.last_refusal.is_some()
+    }
+
+    /// The outcome of reading and applying the source. `complete`: the
+    /// event said the write is finished (a creation alone does not).
+    pub fn on_read(
+        &mut self,
+        w: &WatchSettings,
+        rec: &mut WatchRecord,
+        result: Result<Reconciled, FsError>,
+        complete: bool,
+        now: Now,
+    ) -> Vec<Effect> {
+        let src = w.source.display();
+        match result {
+            Err(e) => self.fail(w, rec, e.to_string(), now),
+            Ok(Reconciled::Absent) => self.absent(w, now),
+            Ok(Reconciled::Busy(why)) => vec![debug(format!(
+                "{}: {src} {why}; its writer's next event brings it back",
+                w.name
+            ))],
+            Ok(Reconciled::Unsafe(msg)) => self.refuse(w, rec, msg),
+            Ok(Reconciled::Invalid(r)) if r.maybe_partial() && !complete => vec![debug(format!(
+                "{}: {src} not complete yet ({r}); waiting for the write to finish",
+                w.name
+            ))],
+            Ok(Reconciled::Invalid(r)) => {
+                let msg = format!("{src}: refused: {r}; keeping the last good state");
+                self.refuse(w, rec, msg)
+            }
+            Ok(Reconciled::Applied(v)) => self.applied(w, rec, v, now),
+        }
+    }
+
+    fn refuse(&mut self, w: &WatchSettings, rec: &mut WatchRecord, msg: String) -> Vec<Effect> {
+        self.absent_since = None;
+        let fx = if self.last_refusal.as_deref() != Some(msg.as_str()) {
+            vec![
+                Effect::Log(Level::Warn, format!("{}: {msg}", w.name)),
+                Effect::Status(format!("{}: refused a source file", w.name)),
+            ]
+        } else {
+            vec![debug(format!("{}: {msg} (again)", w.name))]
+        };
+        self.last_refusal = Some(msg.clone());
+        rec.last_refusal = Some(msg);
+        fx
+    }
+
+    fn fail(
+        &mut self,
+        w: &WatchSettings,
+        rec: &mut WatchRecord,
+        msg: String,
+        now: Now,
+    ) -> Vec<Effect> {
+        self.failures = self.failures.saturating_add(1);
+        let delay = RETRY.delay(self.failures);
+        self.retry_at = Some(clock::later(now.at, delay));
+        let line = format!("{}: {msg}; retrying in {}", w.name, format_duration(delay));
+        rec.last_error = Some(msg);
+        vec![Effect::Log(Level::Error, line)]
+    }
+
+    fn absent(&mut self, w: &WatchSettings, now: Now) -> Vec<Effect> {
+        self.last_refusal = None;
+        if self.absent_since.is_some() {
+            return Vec::new();
+        }
+        self.absent_since = Some(now.at);
+        self.logout_warned = false;
+        vec![Effect::Log(
+            Level::Info,
+            format!(
+                "{}: {} is absent; nothing downstream is removed",
+                w.name,
+                w.source.display()
+            ),
+        )]
+    }
+
+    fn applied(
+        &mut self,
+        w: &WatchSettings,
+        rec: &mut WatchRecord,
+        v: Valid,
+        now: Now,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.absent_since.take().is_some() {
+            fx.push(info(format!("{}: {} is back", w.name, w.source.display())));
+        }
+        self.last_refusal = None;
+        let fp = v.fingerprint;
+        if self.warned_fp != Some(fp) {
+            for n in v.notices.iter().filter(|n| n.once_per_credential()) {
+                fx.push(Effect::Log(
+                    Level::Warn,
+                    format!("{}: {n} (fingerprint {fp})", w.name),
+                ));
+            }
+            self.warned_fp = Some(fp);
+        }
+        rec.copies.extend(v.written.clone());
+        if !v.errors.is_empty() {
+            let msg = v
+                .errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            fx.extend(self.fail(w, rec, msg, now));
+            return fx;
+        }
+        self.failures = 0;
+        self.retry_at = None;
+        rec.last_error = None;
+        rec.last_refusal = None;
+        fx.extend(self.record(w, rec, &v, now));
+        for n in v.notices.iter().filter(|n| !n.once_per_credential()) {
+            fx.push(Effect::Log(Level::Warn, format!("{}: {n}", w.name)));
+        }
+        fx
+    }
+
+    /// Records a successful application; a new credential owes restarts,
+    /// except the first one ever seen, which is adopted.
+    fn record(
+        &mut self,
+        w: &WatchSettings,
+        rec: &mut WatchRecord,
+        v: &Valid,
+        now: Now,
+    ) -> Vec<Effect> {
+        let fp = v.fingerprint;
+        let expiry = v
+            .expires_at
+            .map(|e| format!(", expiresAt {}", fmt_ms(e)))
+            .unwrap_or_default();
+        let changes = if v.changes.is_empty() {
+            "nothing to change".to_string()
+        } else {
+            v.changes.join(", ")
+        };
+        if !v.content_changed {
+            if v.changes.is_empty() {
+                return vec![debug(format!("{}: {fp} in sync", w.name))];
+            }
+            let action = format!("{fp} unchanged{expiry}: {changes}");
+            rec.last_action = Some(action.clone());
+            rec.last_action_at_ms = Some(now.wall_ms);
+            return vec![info(format!("{}: {action}", w.name))];
+        }
+        let first = rec.fingerprint.is_none();
+        rec.set_applied(fp, v.expires_at, now.wall_ms);
+        self.expires_at = v.expires_at;
+        self.expiry_warned = None;
+        self.expiry_errored = None;
+        let action = format!("applied {fp}{expiry}: {changes}");
+        rec.last_action = Some(action.clone());
+        rec.last_action_at_ms = Some(now.wall_ms);
+        let mut fx = Vec::new();
+        match &w.restart {
+            Some(_) if first => fx.push(info(format!(
+                "{}: {action}; first credentials seen, adopted without a restart",
+                w.name
+            ))),
+            Some(r) => {
+                fx.push(info(format!(
+                    "{}: {action}; restart of {} scheduled after {} quiet",
+                    w.name,
+                    r.units.join(", "),
+                    format_duration(self.settle)
+                )));
+                fx.push(Effect::Restart(r.units.clone()));
+            }
+            None => fx.push(info(format!("{}: {action}", w.name))),
+        }
+        fx.push(Effect::Status(format!("{}: applied {fp}", w.name)));
+        fx
+    }
+
+    /// Time passed: the deletion grace, the expiry warning and error, and
+    /// a due retry.
+    pub fn on_tick(&mut self, w: &WatchSettings, now: Now) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if let Some(since) = self.absent_since {
+            if !self.logout_warned && now.at >= clock::later(since, w.deletion_grace) {
+                self.logout_warned = true;
+                fx.push(Effect::Log(Level::Warn, format!(
+                    "{}: {} has been absent for {}: this looks like a logout, not a login; nothing downstream was removed",
+                    w.name,
+                    w.source.display(),
+                    format_duration(w.deletion_grace)
+                )));
+            }
+        }
+        fx.extend(self.expiry(w, now));
+        if self.retry_at.is_some_and(|at| now.at >= at) {
+            self.retry_at = None;
+            fx.push(Effect::Reread);
+        }
+        fx
+    }
+
+    /// When the token last applied starts to warn, and when it expires.
+    fn expiry_points(&self, w: &WatchSettings) -> Option<(i64, i64)> {
+        let exp = self.expires_at?;
+        Some((exp.saturating_sub(clock::ms(w.expiry_warning)), exp))
+    }
+
+    fn expiry(&mut self, w: &WatchSettings, now: Now) -> Option<Effect> {
+        let (warn_at, exp) = self.expiry_points(w)?;
+        let wall = now.wall_ms;
+        if wall >= exp && self.expiry_errored != Some(exp) {
+            self.expiry_errored = Some(exp);
+            return Some(Effect::Log(Level::Error, format!(
+                "{}: the token last applied expired at {} and no newer file arrived: nothing is refreshing it (run the CLI or /login as its user)",
+                w.name,
+                fmt_ms(exp)
+            )));
+        }
+        if wall >= warn_at && wall < exp && self.expiry_warned != Some(exp) {
+            self.expiry_warned = Some(exp);
+            return Some(Effect::Log(Level::Warn, format!(
+                "{}: the token last applied expires at {} (in {}) and no newer file has arrived: is anything refreshing it?",
+                w.name,
+                fmt_ms(exp),
+                format_duration(Duration::from_secs(clock::between_ms(wall, exp).as_secs()))
+            )));
+        }
+        None
+    }
+
+    /// The next moment [`on_tick`](Self::on_tick) has something to do.
+    pub fn next_deadline(&self, w: &WatchSettings, now: Now) -> Option<Instant> {
+        let grace = self
+            .absent_since
+            .filter(|_| !self.logout_warned)
+            .map(|since| clock::later(since, w.deletion_grace));
+        let expiry = self.expiry_points(w).and_then(|(warn_at, exp)| {
+            // Not warned yet and not expired: warn at warn_at, which is
+            // now when the token arrived already inside the window.
+            let at = if self.expiry_warned != Some(exp) && now.wall_ms < exp {
+                warn_at
+            } else if self.expiry_errored != Some(exp) {
+                exp
+            } else {
+                return None;
+            };
+            Some(clock::later(now.at, clock::between_ms(now.wall_ms, at)))
+        });
+        [grace, expiry, self.retry_at].into_iter().flatten().min()
+    }
+}
+
+fn info(message: String) -> Effect {
+    Effect::Log(Level::Info, message)
+}
+
+fn debug(message: String) -> Effect {
+    Effect::Log(Level::Debug, message)
+}
+
+#[cfg(test)]
+mod tests;

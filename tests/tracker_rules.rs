@@ -1,0 +1,59 @@
+//! The agent and `sync` follow the same per-watch rules (one tracker).
+mod common;
+use common::*;
+use std::fs;
+use std::time::Duration;
+
+const COPY: &str = "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n";
+
+/// Before the tracker, `sync` kept its own copy of the state rules: after
+/// the agent refused a broken file and was stopped, a `sync` that applied
+/// a good file left `status` showing `ok (sync)` and the old refusal.
+#[test]
+fn sync_after_an_agent_refusal_clears_the_refusal() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config(COPY));
+    let agent = Agent::start(&env, &config);
+    write_atomic(&src, "{\"claudeAiOauth\": {}}");
+    assert!(
+        agent.wait_log("keeping the last good state", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    let cfg = config.to_str().unwrap();
+    let (_, out, _) = env.cmd(&["status", "--config", cfg]);
+    assert!(out.contains("last refusal"), "{out}");
+    write_atomic(&src, &creds(2));
+    let (code, out, _) = env.cmd(&["sync", "--config", cfg]);
+    assert_eq!(code, 0, "{out}");
+    let (_, out, _) = env.cmd(&["status", "--config", cfg]);
+    assert!(out.contains("ok (sync)"), "{out}");
+    assert!(!out.contains("last refusal"), "stale refusal:\n{out}");
+    env.assert_state_clean();
+}
+
+/// A token that is already inside `expiry_warning` when the agent starts
+/// is warned about at once, not only at its expiry. (The rule itself is
+/// proven in `tracker::tests`; the old agent usually got woken by
+/// something else and warned anyway.)
+#[test]
+fn a_token_inside_the_warning_window_at_start_is_warned_at_once() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds_exp(1, now_ms() + 20 * 60_000));
+    let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
+    assert!(
+        agent.wait_log("is anything refreshing it?", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(!agent.stderr().contains("expired at"), "{}", agent.stderr());
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
