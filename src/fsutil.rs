@@ -119,10 +119,74 @@ fn components(path: &Path) -> Result<Vec<&OsStr>, FsError> {
         .collect()
 }
 
-/// The directories from `/` down to one path, each opened through the
-/// previous one's descriptor in a single walk: acting on these descriptors
-/// acts on exactly the directories that led to whatever is opened below the
-/// last one, whatever is renamed meanwhile.
+/// The one walk down a configured path: from `/`, one component at a
+/// time, each directory opened through its parent's descriptor with
+/// `O_NOFOLLOW`. Callers act on [`Walk::fd`] at each step (watch it, check
+/// it, create the next component), never on a path resolved again.
+pub struct Walk<'a> {
+    parts: std::vec::IntoIter<&'a OsStr>,
+    next: Option<&'a OsStr>,
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl<'a> Walk<'a> {
+    /// Starts at `/` (the path must be absolute, without `..`).
+    pub fn start(path: &'a Path) -> Result<Walk<'a>, FsError> {
+        let mut parts = components(path)?.into_iter();
+        let root = PathBuf::from("/");
+        let fd = nix::fcntl::open(&root, DIR_FLAGS, Mode::empty())
+            .map_err(|e| FsError::io(&root, "open", e))?;
+        Ok(Walk {
+            next: parts.next(),
+            parts,
+            path: root,
+            fd,
+        })
+    }
+
+    /// Where the walk is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The component the next step opens; `None` at the end.
+    pub fn next_name(&self) -> Option<&'a OsStr> {
+        self.next
+    }
+
+    /// Opens the next component and moves there; returns the directory
+    /// left behind. [`FsError::Missing`] leaves the walk where it was.
+    pub fn descend(&mut self) -> Result<(PathBuf, OwnedFd), FsError> {
+        let name = self
+            .next
+            .ok_or_else(|| FsError::refused(&self.path, "the walk is at its end"))?;
+        let child = open_subdir(self.fd.as_fd(), &self.path, name)?;
+        Ok(self.enter(name, child))
+    }
+
+    /// Moves into `child`, the descriptor of the next component that the
+    /// caller opened (e.g. just created).
+    fn enter(&mut self, name: &OsStr, child: OwnedFd) -> (PathBuf, OwnedFd) {
+        let parent = std::mem::replace(&mut self.fd, child);
+        let parent_path = self.path.clone();
+        self.path.push(name);
+        self.next = self.parts.next();
+        (parent_path, parent)
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+/// The directories from `/` down to one path from one [`Walk`]: acting on
+/// these descriptors acts on exactly the directories that led to whatever
+/// is opened below the last one, whatever is renamed meanwhile.
 #[derive(Debug)]
 pub struct DirChain {
     dirs: Vec<(PathBuf, OwnedFd)>,
@@ -132,17 +196,13 @@ impl DirChain {
     /// Walks an absolute directory path from `/` without following a
     /// symlink anywhere.
     pub fn open(path: &Path) -> Result<DirChain, FsError> {
-        let parts = components(path)?;
-        let root = PathBuf::from("/");
-        let fd = nix::fcntl::open(&root, DIR_FLAGS, Mode::empty())
-            .map_err(|e| FsError::io(&root, "open", e))?;
-        let mut dirs = vec![(root, fd)];
-        for name in parts {
-            let (cur, fd) = dirs.last().expect("the chain starts with /");
-            let next = open_subdir(fd.as_fd(), cur, name)?;
-            let path = cur.join(name);
-            dirs.push((path, next));
+        let mut walk = Walk::start(path)?;
+        let mut dirs = Vec::new();
+        while walk.next_name().is_some() {
+            dirs.push(walk.descend()?);
         }
+        let leaf_path = walk.path().to_path_buf();
+        dirs.push((leaf_path, walk.into_fd()));
         Ok(DirChain { dirs })
     }
 
@@ -153,22 +213,21 @@ impl DirChain {
 
     /// The last directory (the one the path names).
     pub fn leaf(&self) -> BorrowedFd<'_> {
-        self.dirs.last().expect("the chain starts with /").1.as_fd()
+        self.dirs
+            .last()
+            .expect("a chain holds at least /")
+            .1
+            .as_fd()
     }
 
     pub fn into_leaf(mut self) -> OwnedFd {
-        self.dirs.pop().expect("the chain starts with /").1
+        self.dirs.pop().expect("a chain holds at least /").1
     }
 }
 
 /// Opens an absolute directory path without following symlinks anywhere.
 pub fn open_dir(path: &Path) -> Result<OwnedFd, FsError> {
     DirChain::open(path).map(DirChain::into_leaf)
-}
-
-/// The components of an absolute path (for walkers such as the watcher).
-pub fn path_components(path: &Path) -> Result<Vec<&OsStr>, FsError> {
-    components(path)
 }
 
 /// Random hex digits for names nobody can guess in advance.
@@ -197,27 +256,26 @@ pub fn open_private_dir(
     create: Option<u32>,
     sticky_ok: bool,
 ) -> Result<OwnedFd, FsError> {
-    let parts = components(path)?;
-    let mut cur = PathBuf::from("/");
-    let mut fd = nix::fcntl::open(&cur, DIR_FLAGS, Mode::empty())
-        .map_err(|e| FsError::io(&cur, "open", e))?;
-    for name in parts {
-        check_ancestor(&fd, &cur)?;
-        let next = match (open_subdir(fd.as_fd(), &cur, name), create) {
-            (Err(FsError::Missing(p)), Some(mode)) => create_dir(fd.as_fd(), &p, name, mode)?,
-            (other, _) => other?,
-        };
-        cur.push(name);
-        fd = next;
+    let mut walk = Walk::start(path)?;
+    while let Some(name) = walk.next_name() {
+        check_ancestor(walk.fd(), walk.path())?;
+        match (walk.descend(), create) {
+            (Ok(_), _) => {}
+            (Err(FsError::Missing(p)), Some(mode)) => {
+                let new = create_dir(walk.fd(), &p, name, mode)?;
+                walk.enter(name, new);
+            }
+            (Err(e), _) => return Err(e),
+        }
     }
-    let st = fstat(&fd).map_err(|e| FsError::io(&cur, "fstat", e))?;
+    let st = fstat(walk.fd()).map_err(|e| FsError::io(walk.path(), "fstat", e))?;
     match unsafe_dir_reason(&st, sticky_ok) {
-        Some(why) => Err(FsError::refused(&cur, why)),
-        None => Ok(fd),
+        Some(why) => Err(FsError::refused(walk.path(), why)),
+        None => Ok(walk.into_fd()),
     }
 }
 
-fn check_ancestor(fd: &OwnedFd, path: &Path) -> Result<(), FsError> {
+fn check_ancestor(fd: BorrowedFd, path: &Path) -> Result<(), FsError> {
     let st = fstat(fd).map_err(|e| FsError::io(path, "fstat", e))?;
     let euid = nix::unistd::geteuid().as_raw();
     let why = if st.st_uid != 0 && st.st_uid != euid {
@@ -474,6 +532,34 @@ fn create_temp(
     ))
 }
 
+/// Opens `name` below `dir`, whose no-follow stat was `named` (a regular
+/// file), without following a link and without blocking. `None` when the
+/// name no longer leads to that file (renamed over or removed meanwhile).
+/// Returns the descriptor and its own stat.
+pub fn open_regular(
+    dir: BorrowedFd,
+    dir_path: &Path,
+    name: &OsStr,
+    named: &FileStat,
+) -> Result<Option<(OwnedFd, FileStat)>, FsError> {
+    let path = dir_path.join(name);
+    let flags = OFlag::O_RDONLY
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_NONBLOCK
+        | OFlag::O_CLOEXEC
+        | OFlag::O_NOCTTY;
+    let fd = match openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ELOOP) => return Ok(None),
+        Err(e) => return Err(FsError::io(&path, "open", e)),
+    };
+    let st = fstat(&fd).map_err(|e| FsError::io(&path, "fstat", e))?;
+    if (st.st_dev, st.st_ino) != (named.st_dev, named.st_ino) {
+        return Ok(None);
+    }
+    Ok(Some((fd, st)))
+}
+
 /// Reads a small regular file below `dir` without following a symlink.
 /// Returns `None` when absent; refuses anything but a regular file.
 pub fn read_entry(
@@ -484,12 +570,7 @@ pub fn read_entry(
 ) -> Result<Option<(FileStat, Vec<u8>)>, FsError> {
     use std::io::Read;
     let path = dir_path.join(name);
-    let flags = OFlag::O_RDONLY
-        | OFlag::O_NOFOLLOW
-        | OFlag::O_NONBLOCK
-        | OFlag::O_CLOEXEC
-        | OFlag::O_NOCTTY;
-    match stat_entry(dir, dir_path, name)? {
+    let named = match stat_entry(dir, dir_path, name)? {
         None => return Ok(None),
         Some(st) if !is_regular(&st) => {
             return Err(FsError::refused(
@@ -497,21 +578,11 @@ pub fn read_entry(
                 format!("is {}, not a regular file", kind_name(&st)),
             ))
         }
-        Some(_) => {}
-    }
-    let fd = match openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) => return Ok(None),
-        Err(Errno::ELOOP) => return Err(FsError::refused(&path, "is a symlink")),
-        Err(e) => return Err(FsError::io(&path, "open", e)),
+        Some(st) => st,
     };
-    let st = fstat(&fd).map_err(|e| FsError::io(&path, "fstat", e))?;
-    if !is_regular(&st) {
-        return Err(FsError::refused(
-            &path,
-            format!("is {}, not a regular file", kind_name(&st)),
-        ));
-    }
+    let Some((fd, st)) = open_regular(dir, dir_path, name, &named)? else {
+        return Err(FsError::refused(&path, "was replaced while being opened"));
+    };
     let mut buf = Vec::new();
     std::fs::File::from(fd)
         .take(limit as u64 + 1)

@@ -5,8 +5,7 @@
 use crate::fsutil::{is_regular, kind_name, FsError};
 use crate::validate::Secret;
 use nix::errno::Errno;
-use nix::fcntl::{openat, OFlag};
-use nix::sys::stat::{fstat, FileStat, Mode};
+use nix::sys::stat::{fstat, FileStat};
 use std::ffi::OsStr;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -44,7 +43,8 @@ enum Attempt {
 /// Where a test may interfere with a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
-    Opened,
+    /// Looked at by name, not opened yet.
+    Named,
     Read,
 }
 
@@ -104,19 +104,11 @@ fn read_once(
     if let Some(why) = unsafe_reason(&named, owner) {
         return Ok(Done(ReadOutcome::Refused(why)));
     }
-    let flags = OFlag::O_RDONLY
-        | OFlag::O_NOFOLLOW
-        | OFlag::O_NONBLOCK
-        | OFlag::O_CLOEXEC
-        | OFlag::O_NOCTTY;
-    let fd = match openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT | Errno::ELOOP) => return Ok(Again("replaced while being opened")),
-        Err(e) => return Err(FsError::io(&path, "open", e)),
+    hook(Step::Named);
+    let Some((fd, before)) = crate::fsutil::open_regular(dir, dir_path, name, &named)? else {
+        return Ok(Again("replaced while being opened"));
     };
-    hook(Step::Opened);
-    let before = fstat(&fd).map_err(|e| FsError::io(&path, "fstat", e))?;
-    if (before.st_dev, before.st_ino) != (named.st_dev, named.st_ino) || before.st_nlink == 0 {
+    if before.st_nlink == 0 {
         return Ok(Again("replaced while being opened"));
     }
     if let Some(why) = unsafe_reason(&before, owner) {
@@ -233,10 +225,10 @@ mod tests {
             read_source_with(dfd.as_fd(), dir.path(), OsStr::new("creds"), None, hook).unwrap()
         };
         let refused = |out: ReadOutcome| matches!(out, ReadOutcome::Refused(ref why) if why.contains("2 hard links"));
-        // Present before the open, gone right after it.
+        // Present when looked at by name, gone before the open.
         std::fs::hard_link(&src, &extra).unwrap();
         assert!(refused(read(&mut |step| {
-            if step == Step::Opened {
+            if step == Step::Named {
                 std::fs::remove_file(&extra).unwrap();
             }
         })));

@@ -108,7 +108,7 @@ impl Watcher {
         }
     }
 
-    fn add(&mut self, n: usize, fd: &OwnedFd, path: &Path, child: &OsStr) -> Result<(), FsError> {
+    fn add(&mut self, n: usize, fd: BorrowedFd, path: &Path, child: &OsStr) -> Result<(), FsError> {
         // Watch the very inode we opened, not whatever the path names now.
         let proc_path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         let target = if proc_path.exists() {
@@ -141,26 +141,17 @@ impl Watcher {
         self.disarm(n);
         let dir = self.slots[n].dir.clone();
         let file = self.slots[n].file.clone();
-        let parts: Vec<OsString> = fsutil::path_components(&dir)?
-            .iter()
-            .map(|c| c.to_os_string())
-            .collect();
-        let mut cur = PathBuf::from("/");
-        let mut fd = nix::fcntl::open(&cur, fsutil::DIR_FLAGS, nix::sys::stat::Mode::empty())
-            .map_err(|e| FsError::io(&cur, "open", e))?;
-        for part in &parts {
-            self.add(n, &fd, &cur, part)?;
-            match fsutil::open_subdir(fd.as_fd(), &cur, part) {
-                Ok(next) => {
-                    fd = next;
-                    cur.push(part);
-                }
+        let mut walk = fsutil::Walk::start(&dir)?;
+        while let Some(part) = walk.next_name() {
+            self.add(n, walk.fd(), walk.path(), part)?;
+            match walk.descend() {
+                Ok(_) => {}
                 Err(FsError::Missing(_)) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
-        self.add(n, &fd, &cur, &file)?;
-        self.slots[n].fd = Some(fd);
+        self.add(n, walk.fd(), walk.path(), &file)?;
+        self.slots[n].fd = Some(walk.into_fd());
         Ok(())
     }
 
