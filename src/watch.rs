@@ -11,19 +11,24 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-/// One mask for every directory: the kernel keeps one mask per inode, and
-/// two sources may share a directory.
-fn mask() -> WatchMask {
+/// What a directory on the way to a source is watched for: only what can
+/// change the path (an entry created, deleted or moved; the directory
+/// itself deleted or moved). Writes and attribute changes of unrelated
+/// files there (`~/.bash_history`, files in `/tmp`) never wake the agent.
+fn ancestor_mask() -> WatchMask {
     WatchMask::CREATE
-        | WatchMask::CLOSE_WRITE
         | WatchMask::MOVED_TO
         | WatchMask::MOVED_FROM
-        | WatchMask::ATTRIB
         | WatchMask::DELETE
         | WatchMask::DELETE_SELF
         | WatchMask::MOVE_SELF
         | WatchMask::ONLYDIR
         | WatchMask::EXCL_UNLINK
+}
+
+/// The source's own directory: also writes in place and mode changes.
+fn leaf_mask() -> WatchMask {
+    ancestor_mask() | WatchMask::CLOSE_WRITE | WatchMask::ATTRIB
 }
 
 /// What happened, for the agent to act on.
@@ -108,7 +113,14 @@ impl Watcher {
         }
     }
 
-    fn add(&mut self, n: usize, fd: BorrowedFd, path: &Path, child: &OsStr) -> Result<(), FsError> {
+    fn add(
+        &mut self,
+        n: usize,
+        fd: BorrowedFd,
+        path: &Path,
+        child: &OsStr,
+        mask: WatchMask,
+    ) -> Result<(), FsError> {
         // Watch the very inode we opened, not whatever the path names now.
         let proc_path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         let target = if proc_path.exists() {
@@ -119,7 +131,9 @@ impl Watcher {
         let wd = self
             .inotify
             .watches()
-            .add(target, mask())
+            // The kernel keeps one mask per inode: a directory that is one
+            // watch's ancestor and another's leaf gets both (MASK_ADD).
+            .add(target, mask | WatchMask::MASK_ADD)
             .map_err(|e| watch_error(path, e))?;
         let users = self.wds.entry(wd.clone()).or_default();
         if !users.contains(&n) {
@@ -143,14 +157,14 @@ impl Watcher {
         let file = self.slots[n].file.clone();
         let mut walk = fsutil::Walk::start(&dir)?;
         while let Some(part) = walk.next_name() {
-            self.add(n, walk.fd(), walk.path(), part)?;
+            self.add(n, walk.fd(), walk.path(), part, ancestor_mask())?;
             match walk.descend() {
                 Ok(_) => {}
                 Err(FsError::Missing(_)) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
-        self.add(n, walk.fd(), walk.path(), &file)?;
+        self.add(n, walk.fd(), walk.path(), &file, leaf_mask())?;
         self.slots[n].fd = Some(walk.into_fd());
         Ok(())
     }
