@@ -491,6 +491,33 @@ pub struct Account {
     pub id: u32,
 }
 
+impl Account {
+    /// A user by name or numeric uid, as in `User=`; `None` when unknown.
+    pub fn user(name: &str) -> Option<Account> {
+        Account::resolve(name, |n| {
+            Some(nix::unistd::User::from_name(n).ok()??.uid.as_raw())
+        })
+    }
+
+    /// A group by name or numeric gid, as in `Group=`; `None` when unknown.
+    pub fn group(name: &str) -> Option<Account> {
+        Account::resolve(name, |n| {
+            Some(nix::unistd::Group::from_name(n).ok()??.gid.as_raw())
+        })
+    }
+
+    fn resolve(name: &str, lookup: impl Fn(&str) -> Option<u32>) -> Option<Account> {
+        let id = match name.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => lookup(name)?,
+        };
+        Some(Account {
+            name: name.to_owned(),
+            id,
+        })
+    }
+}
+
 impl Serialize for Account {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.name)
@@ -676,27 +703,102 @@ fn load_sources(sources: &[Source]) -> Result<Settings, ConfigError> {
         watches: Vec::new(),
     };
     for (index, src) in sources.iter().enumerate() {
-        let raw: RawFile = toml::from_str(&src.text).map_err(|e| toml_error(src, &e))?;
-        merge(&mut merged, raw, index, src)?;
+        merge(&mut merged, parse_raw(src)?, index, src)?;
     }
     validate(merged, sources)
 }
 
-fn toml_error(src: &Source, err: &toml::de::Error) -> ConfigError {
+/// One file's raw structs. A syntax error is located by toml; an error in
+/// a value or key is located by the deserializer's path to it.
+fn parse_raw(src: &Source) -> Result<RawFile, ConfigError> {
+    let document = toml::Deserializer::parse(&src.text).map_err(|e| syntax_error(src, &e))?;
+    serde_path_to_error::deserialize(document).map_err(|e| schema_error(src, &e))
+}
+
+fn syntax_error(src: &Source, err: &toml::de::Error) -> ConfigError {
     let span = err.span();
     ConfigError {
         file: src.path.clone(),
         line: span.as_ref().map(|s| line_of(&src.text, s.start)),
-        key: span.and_then(|s| key_at(&src.text, s.start)),
+        key: span.and_then(|s| syntax_key(&src.text, s.start)),
         message: safe_message(err.message()),
     }
 }
 
+fn schema_error(src: &Source, err: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let inner = err.inner();
+    let unknown = inner.message().starts_with("unknown field");
+    ConfigError {
+        file: src.path.clone(),
+        line: inner.span().map(|s| line_of(&src.text, s.start)),
+        key: dotted_key(&src.text, err.path(), unknown),
+        message: safe_message(inner.message()),
+    }
+}
+
+/// The dotted key of a deserializer path, without sequence indices and
+/// toml's span wrappers: `watch[0].copy[1].mode` is `watch.copy.mode`.
+/// Every part is a name of the schema, except the last one of an unknown
+/// key: that one is the file's text, named only when it and every key below
+/// it are plain (else the key is its table's).
+fn dotted_key(text: &str, path: &serde_path_to_error::Path, unknown: bool) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut keys: Vec<&str> = path
+        .iter()
+        .filter_map(|segment| match segment {
+            Segment::Map { key } if !key.starts_with("$__serde_spanned_private") => {
+                Some(key.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    if unknown && (keys.join(".").len() > 64 || !unknown_key_is_plain(text, path)) {
+        keys.pop();
+    }
+    plain_key(&keys.join("."))
+}
+
+/// True when the unknown key at the end of `path` and every key in its
+/// value are plain (`[SECRET."x y"]` names no key at all).
+fn unknown_key_is_plain(text: &str, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    use toml::de::{DeTable, DeValue};
+    fn all_plain(value: &DeValue) -> bool {
+        match value {
+            DeValue::Table(t) => t
+                .iter()
+                .all(|(k, v)| plain_part(k.get_ref()) && all_plain(v.get_ref())),
+            DeValue::Array(a) => a.iter().all(|v| all_plain(v.get_ref())),
+            _ => true,
+        }
+    }
+    let Some(Segment::Map { key }) = path.iter().next_back() else {
+        return false;
+    };
+    let Ok(root) = DeTable::parse(text) else {
+        return false;
+    };
+    let root = DeValue::Table(root.into_inner());
+    let mut value = &root;
+    for segment in path.iter() {
+        let next = match segment {
+            Segment::Map { key } => value.get(key.as_str()),
+            Segment::Seq { index } => value.get(*index),
+            _ => None,
+        };
+        let Some(next) = next else {
+            return false;
+        };
+        value = next.get_ref();
+    }
+    plain_part(key) && all_plain(value)
+}
+
 /// toml's or serde's message, without anything that came from the file.
 /// serde's messages that embed the rejected value or key are rewritten (the
-/// key is named by `key_at` instead); any other message may put only known
-/// names or punctuation in backquotes and no other quotes, else it is
-/// replaced by a generic one.
+/// key is named from the deserializer's path instead); any other message may
+/// put only known names or punctuation in backquotes and no other quotes,
+/// else it is replaced by a generic one.
 fn safe_message(message: &str) -> String {
     let first = message.lines().next().unwrap_or_default().trim();
     // serde puts the file's text before its own ", expected ...".
@@ -759,18 +861,19 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// The dotted key at a byte offset: the enclosing `[table]` header plus the
-/// key on that line, e.g. `watch.copy.mode`. Only plain bare keys are named:
-/// the file may not be a configuration at all, so a line that is not
-/// `key = ...` or `[table]` with plain names names no key.
-fn key_at(text: &str, offset: usize) -> Option<String> {
+/// The key of a syntax error: the document does not parse, so there is no
+/// deserializer path, and the key is read from the enclosing `[table]`
+/// header and the error's line (e.g. `watch.copy.mode`). The file may not be
+/// a configuration at all, so only the schema's names are named: a header
+/// or key made of anything else names no key.
+fn syntax_key(text: &str, offset: usize) -> Option<String> {
     let before = text.get(..offset.min(text.len()))?;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("").trim();
     if line.starts_with('[') {
         return header_key(line);
     }
-    let key = plain_key(line.split_once('=')?.0)?;
+    let key = known_key(line.split_once('=')?.0)?;
     let header = before[..line_start]
         .lines()
         .rev()
@@ -784,19 +887,28 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 
 /// `[a.b]` or `[[a.b]]` (perhaps unclosed or followed by a comment) as `a.b`.
 fn header_key(line: &str) -> Option<String> {
-    plain_key(line.trim_start_matches('[').split(']').next()?)
+    known_key(line.trim_start_matches('[').split(']').next()?)
+}
+
+/// A dotted key made only of the schema's names.
+fn known_key(key: &str) -> Option<String> {
+    plain_key(key).filter(|k| k.split('.').all(|part| KNOWN_NAMES.contains(&part)))
+}
+
+/// One bare key made of `[A-Za-z0-9_-]`, at most 64 characters.
+fn plain_part(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A dotted bare key made of `[A-Za-z0-9_-]` parts, at most 64 characters.
 fn plain_key(key: &str) -> Option<String> {
     let parts: Vec<&str> = key.split('.').map(str::trim).collect();
-    let plain = parts.iter().all(|p| {
-        !p.is_empty()
-            && p.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    });
     let key = parts.join(".");
-    (plain && key.len() <= 64).then_some(key)
+    (parts.iter().all(|p| plain_part(p)) && key.len() <= 64).then_some(key)
 }
 
 fn merge(merged: &mut Merged, raw: RawFile, index: usize, src: &Source) -> Result<(), ConfigError> {
@@ -905,7 +1017,7 @@ fn validate_watch(w: MergedWatch, sources: &[Source]) -> Result<Checked, ConfigE
     let format = w.format.unwrap_or(Format::ClaudeOauth);
     let source_owner = w
         .source_owner
-        .map(|o| account(sources, &o, "watch.source_owner", resolve_user))
+        .map(|o| account(sources, &o, "watch.source_owner", Account::user))
         .transpose()?;
     let permissions = w.permissions.map(|p| PermissionSettings {
         file_mode: p.file_mode.map_or(0o644, |m| m.0),
@@ -971,11 +1083,11 @@ fn validate_copy(
     }
     let owner = c
         .owner
-        .map(|o| account(sources, &o, "watch.copy.owner", resolve_user))
+        .map(|o| account(sources, &o, "watch.copy.owner", Account::user))
         .transpose()?;
     let group = c
         .group
-        .map(|g| account(sources, &g, "watch.copy.group", resolve_group))
+        .map(|g| account(sources, &g, "watch.copy.group", Account::group))
         .transpose()?;
     Ok(CopySettings {
         dest: absolute(c.dest.value),
@@ -1067,36 +1179,6 @@ fn valid_unit_name(u: &str) -> bool {
         && known.iter().any(|s| u.ends_with(s) && u.len() > s.len())
         && u.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
-}
-
-fn resolve_user(name: &str) -> Option<Account> {
-    let id = match name.parse::<u32>() {
-        Ok(id) => id,
-        Err(_) => nix::unistd::User::from_name(name)
-            .ok()
-            .flatten()?
-            .uid
-            .as_raw(),
-    };
-    Some(Account {
-        name: name.to_owned(),
-        id,
-    })
-}
-
-fn resolve_group(name: &str) -> Option<Account> {
-    let id = match name.parse::<u32>() {
-        Ok(id) => id,
-        Err(_) => nix::unistd::Group::from_name(name)
-            .ok()
-            .flatten()?
-            .gid
-            .as_raw(),
-    };
-    Some(Account {
-        name: name.to_owned(),
-        id,
-    })
 }
 
 #[cfg(test)]
@@ -1326,11 +1408,12 @@ units = ["bridge.service"]
     }
 
     #[test]
-    fn key_at_names_only_plain_keys() {
-        let text = "[watch.copy] # c\nmode = 1\n\"a b\" = 2\nroot:$6$x\n[[sk-ant-x y]]\nk=1\n";
+    fn syntax_key_names_only_the_schemas_names() {
+        let text = "[watch.copy] # c\nmode = 1\n\"a b\" = 2\nroot:$6$x\n[[sk-ant-x y]]\nk=1\n\
+                    [watch]\nPASSWORD=x\n";
         let at = |line: usize| {
             let offset: usize = text.lines().take(line - 1).map(|l| l.len() + 1).sum();
-            key_at(text, offset)
+            syntax_key(text, offset)
         };
         assert_eq!(at(1).as_deref(), Some("watch.copy"));
         assert_eq!(at(2).as_deref(), Some("watch.copy.mode"));
@@ -1338,8 +1421,59 @@ units = ["bridge.service"]
         assert_eq!(at(4), None);
         assert_eq!(at(5), None);
         assert_eq!(at(6), None, "a key under a header that is not plain");
+        assert_eq!(at(7).as_deref(), Some("watch"));
+        assert_eq!(at(8), None, "a plain key that is not the schema's");
         let long = format!("{} = 1\n", "a".repeat(65));
-        assert_eq!(key_at(&long, 0), None);
+        assert_eq!(syntax_key(&long, 0), None);
+    }
+
+    #[test]
+    fn key_paths_come_from_the_deserializer() {
+        // A bad item of a multi-line array: the array's key, not the line's text.
+        let text = GOOD.replace(
+            "drop_keys = [\"mcpOAuth\"]",
+            "drop_keys = [\n  \"mcpOAuth\",\n  1,\n]",
+        );
+        expect_err(&text, 18, "watch.copy.drop_keys", "wrong type of value");
+        // The second copy of the second watch: indices are not named.
+        let two = format!(
+            "{GOOD}\n[[watch]]\nname = \"b\"\nsource = \"/b/c.json\"\n[[watch.copy]]\n\
+             dest = \"/d/1.json\"\n[[watch.copy]]\ndest = \"/d/2.json\"\nmode = \"9\"\n"
+        );
+        expect_err(&two, 28, "watch.copy.mode", "invalid mode");
+        // Dotted keys and inline tables are the same keys.
+        expect_err(
+            &GOOD.replace("[agent]\nsettle = \"250ms\"", "agent.settle = 5"),
+            2,
+            "agent.settle",
+            "wrong type of value",
+        );
+        expect_err(
+            &GOOD.replace("[agent]\nsettle = \"250ms\"", "agent = { settle = \"x\" }"),
+            2,
+            "agent.settle",
+            "invalid duration",
+        );
+        // An unknown table is named when it is plain, its table when not.
+        expect_err(
+            &GOOD.replace("[agent]", "[agnet]"),
+            2,
+            "agnet",
+            "unknown key, expected `agent` or `watch`",
+        );
+        let e =
+            parse(&GOOD.replace("[watch.restart]", "[watch.restart]\n\"a b\" = 1")).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(19), Some("watch.restart")),
+            "{e}"
+        );
+        let e = parse(&GOOD.replace("[watch.restart]", "[watch.SECRET.\"x y\"]")).unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(18), Some("watch")), "{e}");
+        let long = "k".repeat(60);
+        let e = parse(&GOOD.replace("[watch.restart]", &format!("[watch.restart]\n{long} = 1")))
+            .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("watch.restart"), "{e}");
     }
 
     #[test]

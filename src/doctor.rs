@@ -3,7 +3,7 @@
 //! run /login" finds the cause with one command.
 
 use crate::apply;
-use crate::config::{Settings, WatchSettings};
+use crate::config::{Account, Settings, WatchSettings};
 use crate::fsutil::{self, perm_bits, FsError};
 use crate::source::{read_source, ReadOutcome};
 use crate::state::{self, now_ms, State};
@@ -122,26 +122,7 @@ pub fn diagnose(settings: &Settings, users: &[String], query: &mut dyn UnitQuery
         check_permissions(&mut r, w);
         check_copies(&mut r, w, valid.as_ref());
         let mut readers: Vec<String> = users.to_vec();
-        for unit in w.restart.iter().flat_map(|x| &x.units) {
-            match query.unit(unit) {
-                Err(e) => {
-                    systemd_ok = false;
-                    r.add(
-                        format!("{} unit {unit}", w.name),
-                        Level::Warn,
-                        format!("cannot ask systemd: {e:#}"),
-                        Some("run on the host with systemd, as root"),
-                    );
-                }
-                Ok(info) => {
-                    check_unit(&mut r, w, unit, &info);
-                    if !info.user.is_empty() && info.user != "root" && !readers.contains(&info.user)
-                    {
-                        readers.push(info.user.clone());
-                    }
-                }
-            }
-        }
+        systemd_ok &= check_units(&mut r, w, query, &mut readers);
         check_readers(&mut r, w, &readers);
     }
     if systemd_ok {
@@ -151,119 +132,144 @@ pub fn diagnose(settings: &Settings, users: &[String], query: &mut dyn UnitQuery
     r.0
 }
 
+/// Checks the units of a watch and adds their `User=` to `readers`; false
+/// when systemd could not be asked.
+fn check_units(
+    r: &mut Report,
+    w: &WatchSettings,
+    query: &mut dyn UnitQuery,
+    readers: &mut Vec<String>,
+) -> bool {
+    let mut asked = true;
+    for unit in w.restart.iter().flat_map(|x| &x.units) {
+        match query.unit(unit) {
+            Err(e) => {
+                asked = false;
+                r.add(
+                    format!("{} unit {unit}", w.name),
+                    Level::Warn,
+                    format!("cannot ask systemd: {e:#}"),
+                    Some("run on the host with systemd, as root"),
+                );
+            }
+            Ok(info) => {
+                check_unit(r, w, unit, &info);
+                if !info.user.is_empty() && info.user != "root" && !readers.contains(&info.user) {
+                    readers.push(info.user.clone());
+                }
+            }
+        }
+    }
+    asked
+}
+
+/// The fix for a source that is absent: only its owner's CLI writes it.
+const LOGIN_FIX: &str = "log in again with the CLI as the user that owns it (`claude` then /login)";
+
 fn check_source(r: &mut Report, w: &WatchSettings, state: &State) -> Option<(Secret, Validated)> {
     let check = format!("{} source", w.name);
-    let (dir_path, name) = w.source_dir_and_name();
-    let login = Some("log in again with the CLI as the user that owns it (`claude` then /login)");
-    let dir = match fsutil::open_dir(dir_path) {
-        Ok(fd) => fd,
-        Err(FsError::Missing(p)) => {
-            r.add(
-                check,
-                Level::Fail,
-                format!(
-                    "{} is absent ({} does not exist)",
-                    w.source.display(),
-                    p.display()
-                ),
-                login,
-            );
-            return None;
-        }
-        Err(e) => {
-            r.add(
-                check,
-                Level::Fail,
-                e.to_string(),
-                Some("use the real path (no symlinks) in the configuration"),
-            );
-            return None;
-        }
-    };
-    let file = match read_source(
-        dir.as_fd(),
-        dir_path,
-        name,
-        w.source_owner.as_ref().map(|a| a.id),
-    ) {
-        Err(e) => {
-            r.add(check, Level::Fail, e.to_string(), None);
-            return None;
-        }
-        Ok(ReadOutcome::Absent) => {
-            r.add(
-                check,
-                Level::Fail,
-                format!("{} is absent", w.source.display()),
-                login,
-            );
-            return None;
-        }
-        Ok(ReadOutcome::Busy(why)) => {
-            r.add(
-                check,
-                Level::Warn,
-                format!("{} {why}", w.source.display()),
-                Some("a writer is at work: run doctor again in a moment"),
-            );
-            return None;
-        }
-        Ok(ReadOutcome::Refused(why)) => {
-            r.add(
-                check,
-                Level::Fail,
-                format!("{} {why}", w.source.display()),
-                Some("remove it and let the CLI write a regular file (cred-watch never follows links)"),
-            );
-            return None;
-        }
-        Ok(ReadOutcome::Ok(file)) => file,
-    };
+    let bytes = read_for_check(r, &check, w)?;
     let last = state.watches.get(&w.name).and_then(|rec| rec.applied());
-    match validate::validate(w.format, &file.bytes.0, now_ms(), last.as_ref(), w.policy()) {
+    match validate::validate(w.format, &bytes.0, now_ms(), last.as_ref(), w.policy()) {
         Err(refusal) => {
-            let fix = match refusal {
-                Refusal::Expired(_) => "nothing refreshed the token: run the CLI (it refreshes on use) or /login",
-                Refusal::Rollback { .. } => "an older file was put back: run /login, or set allow_rollback = true if intended",
-                _ => "the file is broken: run /login with the CLI to rewrite it",
-            };
             r.add(
                 check,
                 Level::Fail,
                 format!("{}: {refusal}", w.source.display()),
-                Some(fix),
+                Some(refusal_fix(&refusal)),
             );
             None
         }
         Ok(v) => {
-            let mut msg = format!(
-                "{} valid, fingerprint {}",
-                w.source.display(),
-                v.fingerprint.short()
-            );
-            let mut level = Level::Ok;
-            let mut fix = None;
-            if let Some(exp) = v.expires_at {
-                let remaining = exp.saturating_sub(now_ms());
-                msg.push_str(&format!(
-                    ", expiresAt {} (in {})",
-                    fmt_ms(exp),
-                    left(remaining)
-                ));
-                if remaining < crate::clock::ms(w.expiry_warning) {
-                    level = Level::Warn;
-                    fix = Some(
-                        "nothing has refreshed it yet: use the CLI once (it refreshes) or /login",
-                    );
-                }
-            }
-            for warning in &v.warnings {
-                msg.push_str(&format!("; {warning}"));
-            }
-            r.add(check, level, msg, fix);
-            Some((file.bytes, v))
+            report_valid(r, check, w, &v);
+            Some((bytes, v))
         }
     }
+}
+
+/// The source's bytes, read as the agent reads them; `None` once a finding
+/// says why they cannot be.
+fn read_for_check(r: &mut Report, check: &str, w: &WatchSettings) -> Option<Secret> {
+    let (dir_path, name) = w.source_dir_and_name();
+    let dir = match fsutil::open_dir(dir_path) {
+        Ok(fd) => fd,
+        Err(FsError::Missing(p)) => {
+            let why = format!(
+                "{} is absent ({} does not exist)",
+                w.source.display(),
+                p.display()
+            );
+            r.add(check, Level::Fail, why, Some(LOGIN_FIX));
+            return None;
+        }
+        Err(e) => {
+            let fix = "use the real path (no symlinks) in the configuration";
+            r.add(check, Level::Fail, e.to_string(), Some(fix));
+            return None;
+        }
+    };
+    let owner = w.source_owner.as_ref().map(|a| a.id);
+    let (level, why, fix) = match read_source(dir.as_fd(), dir_path, name, owner) {
+        Ok(ReadOutcome::Ok(file)) => return Some(file.bytes),
+        Err(e) => (Level::Fail, e.to_string(), None),
+        Ok(ReadOutcome::Absent) => (
+            Level::Fail,
+            format!("{} is absent", w.source.display()),
+            Some(LOGIN_FIX),
+        ),
+        Ok(ReadOutcome::Busy(why)) => (
+            Level::Warn,
+            format!("{} {why}", w.source.display()),
+            Some("a writer is at work: run doctor again in a moment"),
+        ),
+        Ok(ReadOutcome::Refused(why)) => (
+            Level::Fail,
+            format!("{} {why}", w.source.display()),
+            Some("remove it and let the CLI write a regular file (cred-watch never follows links)"),
+        ),
+    };
+    r.add(check, level, why, fix);
+    None
+}
+
+fn refusal_fix(refusal: &Refusal) -> &'static str {
+    match refusal {
+        Refusal::Expired(_) => {
+            "nothing refreshed the token: run the CLI (it refreshes on use) or /login"
+        }
+        Refusal::Rollback { .. } => {
+            "an older file was put back: run /login, or set allow_rollback = true if intended"
+        }
+        _ => "the file is broken: run /login with the CLI to rewrite it",
+    }
+}
+
+/// The finding for a valid source: its fingerprint, its expiry (a warning
+/// inside `expiry_warning`) and the validator's warnings.
+fn report_valid(r: &mut Report, check: String, w: &WatchSettings, v: &Validated) {
+    let mut msg = format!(
+        "{} valid, fingerprint {}",
+        w.source.display(),
+        v.fingerprint.short()
+    );
+    let mut level = Level::Ok;
+    let mut fix = None;
+    if let Some(exp) = v.expires_at {
+        let remaining = exp.saturating_sub(now_ms());
+        msg.push_str(&format!(
+            ", expiresAt {} (in {})",
+            fmt_ms(exp),
+            left(remaining)
+        ));
+        if remaining < crate::clock::ms(w.expiry_warning) {
+            level = Level::Warn;
+            fix = Some("nothing has refreshed it yet: use the CLI once (it refreshes) or /login");
+        }
+    }
+    for warning in &v.warnings {
+        msg.push_str(&format!("; {warning}"));
+    }
+    r.add(check, level, msg, fix);
 }
 
 fn check_permissions(r: &mut Report, w: &WatchSettings) {
@@ -400,12 +406,9 @@ fn reader_targets(w: &WatchSettings) -> Vec<PathBuf> {
 fn check_readers(r: &mut Report, w: &WatchSettings, users: &[String]) {
     for user in users {
         let check = format!("{} reader {user}", w.name);
-        let account = match nix::unistd::User::from_name(user) {
-            Ok(Some(u)) => u,
-            _ => {
-                r.add(check, Level::Fail, format!("no such user {user:?}"), None);
-                continue;
-            }
+        let Some(account) = system_user(user) else {
+            r.add(check, Level::Fail, format!("no such user {user:?}"), None);
+            continue;
         };
         for target in reader_targets(w) {
             match can_read(&account, &target) {
@@ -426,6 +429,13 @@ fn check_readers(r: &mut Report, w: &WatchSettings, users: &[String]) {
             }
         }
     }
+}
+
+/// The passwd entry of a user named as in the configuration (a name or a
+/// numeric uid), for its primary group.
+fn system_user(name: &str) -> Option<nix::unistd::User> {
+    let account = Account::user(name)?;
+    nix::unistd::User::from_uid(account.id.into()).ok()?
 }
 
 /// Opens `path` for real in a child process running as `user` (its groups

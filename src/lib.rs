@@ -32,7 +32,7 @@ pub mod schedule;
 pub mod source;
 /// Persisted state under state_dir.
 pub mod state;
-/// Service manager trait, restart worker and test recorder.
+/// Service manager trait, restart worker and unit queries over D-Bus.
 pub mod systemd;
 /// The rules of one watch as events in, effects out (no I/O).
 pub mod tracker;

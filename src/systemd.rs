@@ -1,20 +1,14 @@
 //! The service manager behind a small trait, a worker thread that runs
-//! restart jobs off the event loop, and a recording test double.
+//! restart jobs off the event loop, and the unit queries of `doctor`, all
+//! over D-Bus. The test doubles are in [`crate::doubles`].
 
 use crate::config::RestartAction;
 use crate::schedule::Job;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 use zbus::OwnedObjectPath;
-
-/// Environment variable that swaps systemd for a recorder appending one JSON
-/// line per restart to the named file (for tests and demos without systemd).
-pub const RECORD_ENV: &str = "CRED_WATCH_TEST_RESTART_LOG";
-/// With the recorder: comma-separated units whose restarts fail.
-pub const RECORD_FAIL_ENV: &str = "CRED_WATCH_TEST_RESTART_FAIL";
 
 /// Restarts units and waits for the job's result.
 pub trait ServiceManager: Send {
@@ -26,22 +20,6 @@ pub trait ServiceManager: Send {
         action: RestartAction,
         timeout: Duration,
     ) -> anyhow::Result<()>;
-}
-
-/// The service manager selected by the environment.
-pub fn from_env() -> Box<dyn ServiceManager> {
-    match std::env::var_os(RECORD_ENV) {
-        Some(path) => Box::new(Recorder {
-            path: PathBuf::from(path),
-            fail: std::env::var(RECORD_FAIL_ENV)
-                .unwrap_or_default()
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect(),
-        }),
-        None => Box::new(Systemd),
-    }
 }
 
 /// The subset of org.freedesktop.systemd1.Manager that cred-watch uses.
@@ -145,34 +123,6 @@ fn dbus_error(e: &zbus::Error) -> String {
     }
 }
 
-/// Test double: records restarts instead of performing them.
-pub struct Recorder {
-    pub path: PathBuf,
-    pub fail: Vec<String>,
-}
-
-impl ServiceManager for Recorder {
-    fn restart(&mut self, unit: &str, action: RestartAction, _: Duration) -> anyhow::Result<()> {
-        let failed = self.fail.iter().any(|u| u == unit);
-        let line = serde_json::json!({
-            "unit": unit,
-            "method": action.method(),
-            "at_ms": crate::state::now_ms(),
-            "result": if failed { "failed" } else { "done" },
-        });
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        // One O_APPEND write per line: a concurrent reader never sees half of one.
-        f.write_all(format!("{line}\n").as_bytes())?;
-        if failed {
-            anyhow::bail!("job for {unit} finished with result \"failed\"");
-        }
-        Ok(())
-    }
-}
-
 /// The result of one restart job.
 #[derive(Debug)]
 pub struct Outcome {
@@ -256,50 +206,6 @@ pub trait UnitQuery {
     fn enabled_path_units(&mut self) -> anyhow::Result<Vec<(String, Vec<String>)>>;
 }
 
-/// Environment variable naming a JSON file that answers [`UnitQuery`] in
-/// tests: `{"units": {"x.service": {...UnitInfo}}, "path_units": {"old.path": ["/p"]}}`.
-pub const UNITS_FIXTURE_ENV: &str = "CRED_WATCH_TEST_UNITS";
-
-pub fn query_from_env() -> Box<dyn UnitQuery> {
-    match std::env::var_os(UNITS_FIXTURE_ENV) {
-        Some(path) => Box::new(FixtureUnits {
-            path: PathBuf::from(path),
-        }),
-        None => Box::new(SystemdQuery { conn: None }),
-    }
-}
-
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-struct Fixture {
-    units: std::collections::BTreeMap<String, UnitInfo>,
-    path_units: std::collections::BTreeMap<String, Vec<String>>,
-}
-
-/// Test double for [`UnitQuery`], read from a JSON file.
-pub struct FixtureUnits {
-    path: PathBuf,
-}
-
-impl FixtureUnits {
-    fn load(&self) -> anyhow::Result<Fixture> {
-        Ok(serde_json::from_slice(&std::fs::read(&self.path)?)?)
-    }
-}
-
-impl UnitQuery for FixtureUnits {
-    fn unit(&mut self, name: &str) -> anyhow::Result<UnitInfo> {
-        Ok(self.load()?.units.remove(name).unwrap_or_else(|| UnitInfo {
-            load_state: "not-found".into(),
-            active_state: "inactive".into(),
-            ..Default::default()
-        }))
-    }
-    fn enabled_path_units(&mut self) -> anyhow::Result<Vec<(String, Vec<String>)>> {
-        Ok(self.load()?.path_units.into_iter().collect())
-    }
-}
-
 #[zbus::proxy(
     interface = "org.freedesktop.systemd1.Manager",
     default_service = "org.freedesktop.systemd1",
@@ -340,7 +246,8 @@ trait PathUnit {
     fn paths(&self) -> zbus::Result<Vec<(String, String)>>;
 }
 
-/// [`UnitQuery`] over the system bus.
+/// [`UnitQuery`] over the system bus, connected on the first question.
+#[derive(Default)]
 pub struct SystemdQuery {
     conn: Option<zbus::Connection>,
 }

@@ -447,3 +447,43 @@ fn reload_with_an_absurd_duration_keeps_the_agent_running() {
     assert!(status.success(), "{log}");
     assert!(log.contains("reload rejected"), "{log}");
 }
+
+/// Under `RUST_LOG=trace`, through refusals (bad prefix, bad characters,
+/// duplicate keys, far future), applications, copies and a deletion, no
+/// token text reaches the log or the state.
+#[test]
+fn trace_logging_never_shows_a_token() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config(
+        "[watch.permissions]\nfile_mode = \"0644\"\n\n[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\ndrop_keys = [\"mcpOAuth\"]\n\n[watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"0s\"\n",
+    ));
+    let agent = Agent::start_with(&env, &config, &[("RUST_LOG", "trace")]);
+    let good = creds(2);
+    let bad = [
+        good.replace("sk-ant-oat01-", "sk-ant-xxx01-"),
+        good.replace("test-access-", "test access\\u0000"),
+        good.replacen(
+            "{\"claudeAiOauth\":",
+            "{\"claudeAiOauth\":{},\"claudeAiOauth\":",
+            1,
+        ),
+        creds_exp(3, 253_402_300_800_000),
+        good[..good.len() / 2].to_string(),
+    ];
+    for text in &bad {
+        write_atomic(&src, text);
+        round_trip(&env, &agent);
+    }
+    write_atomic(&src, &creds(4));
+    round_trip(&env, &agent);
+    fs::remove_file(&src).unwrap();
+    round_trip(&env, &agent);
+    let (status, log) = agent.stop();
+    assert!(status.success());
+    assert!(log.contains("TRACE") || log.contains("DEBUG"), "{log}");
+    assert_eq!(log.matches("refused").count() >= bad.len(), true, "{log}");
+    env.assert_state_clean();
+}
