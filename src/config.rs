@@ -164,6 +164,10 @@ pub enum RestartAction {
     Restart,
     TryRestart,
     ReloadOrRestart,
+    /// Not a restart action a watch can choose: how `[watch.refresh]`
+    /// starts its unit, through the same job machinery.
+    #[serde(skip)]
+    Start,
 }
 
 impl RestartAction {
@@ -173,6 +177,7 @@ impl RestartAction {
             RestartAction::Restart => "RestartUnit",
             RestartAction::TryRestart => "TryRestartUnit",
             RestartAction::ReloadOrRestart => "ReloadOrRestartUnit",
+            RestartAction::Start => "StartUnit",
         }
     }
 }
@@ -231,6 +236,7 @@ struct RawWatch {
     max_lifetime: Option<Dur>,
     permissions: Option<RawPermissions>,
     copy: Option<Vec<RawCopy>>,
+    refresh: Option<RawRefresh>,
     restart: Option<RawRestart>,
 }
 
@@ -251,6 +257,15 @@ struct RawCopy {
     dir_mode: Option<FileMode>,
     #[serde(default)]
     drop_keys: Vec<String>,
+    keep_refresh_token: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    unit: Option<Spanned<String>>,
+    ahead: Option<Spanned<Dur>>,
+    timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -270,7 +285,8 @@ const KNOWN_NAMES: &[&str] = &[
     "source", "format", "source_owner", "deletion_grace", "expiry_warning",
     "allow_rollback", "max_lifetime", "permissions", "copy", "restart", "file_mode",
     "traverse", "dest", "owner", "group", "mode", "dir_mode", "drop_keys", "units",
-    "action", "timeout", "min_interval", "claude-oauth", "json", "any", "try-restart",
+    "action", "timeout", "min_interval", "refresh", "unit", "ahead",
+    "keep_refresh_token", "claude-oauth", "json", "any", "try-restart",
     "reload-or-restart", "error", "warn", "info", "debug", "trace", "true", "false",
 ];
 
@@ -331,6 +347,7 @@ struct MergedWatch {
     permissions: Option<RawPermissions>,
     copy: Option<Vec<MergedCopy>>,
     restart: Option<MergedRestart>,
+    refresh: Option<MergedRefresh>,
 }
 
 struct MergedCopy {
@@ -340,6 +357,31 @@ struct MergedCopy {
     mode: Option<FileMode>,
     dir_mode: Option<FileMode>,
     drop_keys: Vec<String>,
+    keep_refresh_token: Option<bool>,
+}
+
+struct MergedRefresh {
+    unit: Option<At<String>>,
+    ahead: Option<At<Dur>>,
+    timeout: Option<Dur>,
+}
+
+impl MergedRefresh {
+    fn new(r: RawRefresh, file: usize) -> MergedRefresh {
+        MergedRefresh {
+            unit: r.unit.map(|u| At::new(u, file)),
+            ahead: r.ahead.map(|a| At::new(a, file)),
+            timeout: r.timeout,
+        }
+    }
+
+    fn or(self, old: MergedRefresh) -> MergedRefresh {
+        MergedRefresh {
+            unit: self.unit.or(old.unit),
+            ahead: self.ahead.or(old.ahead),
+            timeout: self.timeout.or(old.timeout),
+        }
+    }
 }
 
 struct MergedRestart {
@@ -370,6 +412,7 @@ impl MergedWatch {
                 timeout: r.timeout,
                 min_interval: r.min_interval,
             }),
+            refresh: w.refresh.map(|r| MergedRefresh::new(r, file)),
         }
     }
 
@@ -400,6 +443,10 @@ impl MergedWatch {
             }),
             (new, old) => new.or(old),
         };
+        self.refresh = match (w.refresh, self.refresh.take()) {
+            (Some(new), Some(old)) => Some(new.or(old)),
+            (new, old) => new.or(old),
+        };
     }
 }
 
@@ -412,6 +459,7 @@ impl MergedCopy {
             mode: c.mode,
             dir_mode: c.dir_mode,
             drop_keys: c.drop_keys,
+            keep_refresh_token: c.keep_refresh_token,
         }
     }
 }
@@ -459,6 +507,8 @@ pub struct WatchSettings {
     pub copies: Vec<CopySettings>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartSettings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<RefreshSettings>,
 }
 
 impl WatchSettings {
@@ -544,7 +594,33 @@ pub struct CopySettings {
     #[serde(serialize_with = "ser_mode")]
     pub dir_mode: u32,
     pub drop_keys: Vec<String>,
+    /// Keep `claudeAiOauth.refreshToken` in the copy (off: a consumer can
+    /// never refresh, so it can never rotate the single-use token).
+    pub keep_refresh_token: bool,
 }
+
+impl CopySettings {
+    /// What this copy leaves out of a source of `format`.
+    pub fn shape(&self, format: Format) -> crate::validate::CopyShape<'_> {
+        crate::validate::CopyShape {
+            drop_keys: &self.drop_keys,
+            strip_refresh_token: format == Format::ClaudeOauth && !self.keep_refresh_token,
+        }
+    }
+}
+
+/// `[watch.refresh]`: the unit that runs the source's own CLI.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RefreshSettings {
+    pub unit: String,
+    #[serde(serialize_with = "ser_dur")]
+    pub ahead: Duration,
+    #[serde(serialize_with = "ser_dur")]
+    pub timeout: Duration,
+}
+
+/// The CLI refreshes only when its token expires within 5 minutes.
+pub const CLI_REFRESH_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RestartSettings {
@@ -1033,7 +1109,11 @@ fn validate_watch(w: MergedWatch, sources: &[Source]) -> Result<Checked, ConfigE
         .restart
         .map(|r| validate_restart(r, sources, &name_loc))
         .transpose()?;
-    if permissions.is_none() && copies.is_empty() && restart.is_none() {
+    let refresh = w
+        .refresh
+        .map(|r| validate_refresh(r, sources, &name_loc))
+        .transpose()?;
+    if permissions.is_none() && copies.is_empty() && restart.is_none() && refresh.is_none() {
         return Err(at("watch", "has no action: add at least one of [watch.permissions], [[watch.copy]], [watch.restart]"));
     }
     let watch = WatchSettings {
@@ -1052,6 +1132,7 @@ fn validate_watch(w: MergedWatch, sources: &[Source]) -> Result<Checked, ConfigE
         permissions,
         copies,
         restart,
+        refresh,
     };
     Ok(Checked {
         watch,
@@ -1096,6 +1177,7 @@ fn validate_copy(
         mode: c.mode.map_or(0o640, |m| m.0),
         dir_mode: c.dir_mode.map_or(0o755, |m| m.0),
         drop_keys: c.drop_keys,
+        keep_refresh_token: c.keep_refresh_token.unwrap_or(false),
     })
 }
 
@@ -1129,6 +1211,46 @@ fn validate_restart(
         action: r.action.unwrap_or(RestartAction::Restart),
         timeout: r.timeout.map_or(Duration::from_secs(90), |d| d.0),
         min_interval: r.min_interval.map_or(Duration::from_secs(10), |d| d.0),
+    })
+}
+
+fn validate_refresh(
+    r: MergedRefresh,
+    sources: &[Source],
+    watch: &Loc,
+) -> Result<RefreshSettings, ConfigError> {
+    let unit = r.unit.ok_or_else(|| {
+        err_at(
+            sources,
+            watch,
+            "watch.refresh.unit",
+            "missing required key `unit`".into(),
+        )
+    })?;
+    if !valid_unit_name(&unit.value) {
+        return Err(err_at(
+            sources,
+            &unit.loc,
+            "watch.refresh.unit",
+            "is not a unit name such as claude-refresh.service".into(),
+        ));
+    }
+    let ahead = match r.ahead {
+        None => Duration::from_secs(4 * 60),
+        Some(a) if a.value.0 >= CLI_REFRESH_WINDOW || a.value.0.is_zero() => {
+            return Err(err_at(
+                sources,
+                &a.loc,
+                "watch.refresh.ahead",
+                "must be more than 0s and less than 5m: the CLI refreshes only when its token expires within 5 minutes, so a start earlier than that would refresh nothing".into(),
+            ))
+        }
+        Some(a) => a.value.0,
+    };
+    Ok(RefreshSettings {
+        unit: unit.value,
+        ahead,
+        timeout: r.timeout.map_or(Duration::from_secs(120), |d| d.0),
     })
 }
 

@@ -240,6 +240,9 @@ fn refusal_fix(refusal: &Refusal) -> &'static str {
         Refusal::Rollback { .. } => {
             "an older file was put back: run /login, or set allow_rollback = true if intended"
         }
+        Refusal::TooFarAhead { .. } | Refusal::NotADate(_) => {
+            "an implausible expiresAt: run /login, or raise max_lifetime if this is intended"
+        }
         _ => "the file is broken: run /login with the CLI to rewrite it",
     }
 }
@@ -347,7 +350,7 @@ fn check_copies(r: &mut Report, w: &WatchSettings, valid: Option<&(Secret, Valid
             }
         };
         if let Some((raw, v)) = valid {
-            let want = validate::copy_payload(&raw.0, v, &copy.drop_keys);
+            let want = validate::copy_payload(&raw.0, v, copy.shape(w.format));
             if bytes != want.0 {
                 r.add(
                     check,

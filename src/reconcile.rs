@@ -163,7 +163,7 @@ fn apply_copies(
     out: &mut Valid,
 ) {
     for copy in &w.copies {
-        let payload = validate::copy_payload(&file.bytes.0, v, &copy.drop_keys);
+        let payload = validate::copy_payload(&file.bytes.0, v, copy.shape(w.format));
         let ours = Fingerprint::of(&payload.0);
         let dest = copy.dest.display().to_string();
         match apply::ensure_copy(copy, &payload, dry_run) {

@@ -32,6 +32,7 @@ trait Manager {
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn try_restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reload_or_restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn subscribe(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn job_removed(
@@ -86,6 +87,7 @@ async fn restart_and_wait(
         RestartAction::Restart => manager.restart_unit(unit, "replace").await,
         RestartAction::TryRestart => manager.try_restart_unit(unit, "replace").await,
         RestartAction::ReloadOrRestart => manager.reload_or_restart_unit(unit, "replace").await,
+        RestartAction::Start => manager.start_unit(unit, "replace").await,
     };
     let job =
         call.map_err(|e| anyhow::anyhow!("{} {unit}: {}", action.method(), dbus_error(&e)))?;
@@ -123,10 +125,11 @@ fn dbus_error(e: &zbus::Error) -> String {
     }
 }
 
-/// The result of one restart job.
+/// The result of one job.
 #[derive(Debug)]
 pub struct Outcome {
     pub unit: String,
+    pub action: RestartAction,
     pub result: Result<(), String>,
 }
 
@@ -155,6 +158,7 @@ impl Worker {
                         if out_tx
                             .send(Outcome {
                                 unit: job.unit,
+                                action: job.plan.action,
                                 result,
                             })
                             .is_err()

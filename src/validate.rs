@@ -558,14 +558,36 @@ pub fn canonical(v: &Value) -> Vec<u8> {
     out
 }
 
+/// What a copy leaves out of the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyShape<'a> {
+    /// Top-level keys left out (e.g. `mcpOAuth`).
+    pub drop_keys: &'a [String],
+    /// Leave out `claudeAiOauth.refreshToken`: a consumer without it can
+    /// use the access token but can never refresh, so it can never rotate
+    /// the single-use refresh token under the source's CLI.
+    pub strip_refresh_token: bool,
+}
+
 /// The bytes to write to a copy destination: the source as is, or without
-/// `drop_keys` (then re-serialized, key order kept).
-pub fn copy_payload(raw: &[u8], v: &Validated, drop_keys: &[String]) -> Secret {
-    match (&v.object, drop_keys.is_empty()) {
-        (Some(object), false) => {
+/// what `shape` leaves out (then re-serialized, key order kept).
+pub fn copy_payload(raw: &[u8], v: &Validated, shape: CopyShape) -> Secret {
+    let strip = shape.strip_refresh_token
+        && v.object
+            .as_ref()
+            .and_then(|o| o.get("claudeAiOauth"))
+            .and_then(Value::as_object)
+            .is_some_and(|o| o.contains_key("refreshToken"));
+    match &v.object {
+        Some(object) if strip || !shape.drop_keys.is_empty() => {
             let mut o = object.clone();
-            for k in drop_keys {
+            for k in shape.drop_keys {
                 o.shift_remove(k);
+            }
+            if strip {
+                if let Some(Value::Object(oauth)) = o.get_mut("claudeAiOauth") {
+                    oauth.shift_remove("refreshToken");
+                }
             }
             let mut bytes = serde_json::to_vec_pretty(&Value::Object(o)).unwrap_or_default();
             bytes.push(b'\n');
@@ -695,7 +717,12 @@ mod tests {
             assert!(!e.to_string().contains("sk-ant-"), "{e}");
         }
         let v = check(&g).unwrap();
-        let payload = copy_payload(g.as_bytes(), &v, &["mcpOAuth".into()]);
+        let drop = ["mcpOAuth".to_string()];
+        let shape = CopyShape {
+            drop_keys: &drop,
+            strip_refresh_token: true,
+        };
+        let payload = copy_payload(g.as_bytes(), &v, shape);
         assert!(!format!("{payload:?} {v:?}").contains("sk-ant-"));
         let dropped: Value = serde_json::from_slice(&payload.0).unwrap();
         assert!(dropped.get("mcpOAuth").is_none() && dropped.get("claudeAiOauth").is_some());

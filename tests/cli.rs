@@ -165,14 +165,15 @@ fn mcp_only_rewrite_copies_but_does_not_restart() {
     let agent = Agent::start(&env, &env.config(&config));
     let rewritten = base.replace("\"mcp-1\"", "\"mcp-2\"");
     write_atomic(&src, &rewritten);
-    let want: serde_json::Value = serde_json::from_str(&rewritten).unwrap();
+    let want = copied(&rewritten);
     assert!(wait_until(Duration::from_secs(5), || read_json(
         &env.path("shared/.credentials.json")
     ) == Some(
         want.clone()
     )));
     assert!(wait_until(Duration::from_secs(5), || mode(&src) == 0o644));
-    std::thread::sleep(Duration::from_millis(400));
+    // Proof it has handled the rewrite, and done any restart it asked for.
+    quiesce(&env, &agent);
     assert!(
         env.restarts().is_empty(),
         "MCP-only change restarted: {:?}",
@@ -254,20 +255,44 @@ fn journald_logging_has_priority_prefixes_and_no_timestamps() {
     fs::create_dir_all(src.parent().unwrap()).unwrap();
     write_atomic(&src, &creds(1));
     let config = env.config(&fixture("good.toml"));
-    let child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(BIN)
         .args(["run", "--config", config.to_str().unwrap()])
         .env("JOURNAL_STREAM", "8:1234")
         .env(env_record(), env.restart_log())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Its stderr, line by line as it comes, to wait on.
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let reader = {
+        let pipe = std::io::BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in pipe.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let mut wait_line = |needle: &str| {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !seen.iter().any(|l: &String| l.contains(needle)) {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("no {needle:?} line:\n{}", seen.join("\n")),
+            }
+        }
+    };
+    wait_line("<6>ready:");
     write_atomic(&src, "{\"claudeAiOauth\": {}}");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_line("<4>claude: ");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success());
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    seen.extend(lines.try_iter());
+    let stderr = seen.join("\n");
+    assert!(status.success());
     assert!(stderr.lines().count() >= 3, "{stderr}");
     for line in stderr.lines() {
         assert!(
@@ -339,7 +364,8 @@ fn sync_next_to_a_running_agent_is_done_by_it_and_a_second_agent_is_refused() {
         "{}",
         agent.stderr()
     );
-    std::thread::sleep(Duration::from_millis(1000));
+    // Both handled, no second restart owed.
+    quiesce(&env, &agent);
     assert_eq!(env.restarts(), ["bridge.service"], "{}", agent.stderr());
 
     write_atomic(&src, "{\"claudeAiOauth\":");

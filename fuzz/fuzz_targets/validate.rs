@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
             match validate::validate(format, data, now, prior, validate::Policy { allow_rollback: false, max_lifetime: std::time::Duration::from_secs(31 * 24 * 3600) }) {
                 Ok(v) => {
                     assert!(!format!("{v:?}").contains("sk-ant-"));
-                    let payload = validate::copy_payload(data, &v, &["mcpOAuth".to_string()]);
+                    let payload = validate::copy_payload(data, &v, validate::CopyShape { drop_keys: &["mcpOAuth".to_string()], strip_refresh_token: true });
                     assert!(!format!("{payload:?}").contains("sk-ant-"));
                     if format != Format::Any {
                         serde_json::from_slice::<serde_json::Value>(&payload.0).expect("a JSON copy stays JSON");

@@ -111,13 +111,23 @@ pub fn creds_exp(seq: u64, expires_at: i64) -> String {
     )
 }
 
-/// The same file without the given top-level keys, as JSON values.
+/// What a copy of this credentials file holds, as JSON values: without
+/// the given top-level keys and, as every copy by default (SPEC version 2:
+/// consumers must never refresh), without `claudeAiOauth.refreshToken`.
 pub fn without(json: &str, keys: &[&str]) -> serde_json::Value {
     let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
     for k in keys {
         v.as_object_mut().unwrap().remove(*k);
     }
+    if let Some(oauth) = v.get_mut("claudeAiOauth").and_then(|o| o.as_object_mut()) {
+        oauth.remove("refreshToken");
+    }
     v
+}
+
+/// What a copy without `drop_keys` holds (the refresh token left out).
+pub fn copied(json: &str) -> serde_json::Value {
+    without(json, &[])
 }
 
 static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -280,4 +290,67 @@ deletion_grace = "1s"
 {extra_watch}
 "#
     )
+}
+
+/// Proof that the agent has handled everything that happened before this
+/// call: SIGUSR1 makes it reconcile every watch (reading each source as it
+/// is now) and record the time in `state.json` (`agent.last_reconcile_ms`).
+/// Returns the first state that shows a reconcile at or after the signal.
+/// Tests that assert something did *not* happen call this (or `quiesce`)
+/// instead of sleeping.
+pub fn round_trip(env: &Env, agent: &Agent) -> serde_json::Value {
+    let asked = now_ms();
+    agent.signal(libc::SIGUSR1);
+    let path = env.path("state/state.json");
+    let mut state = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            state = read_json(&path).filter(|s| {
+                s["agent"]["last_reconcile_ms"]
+                    .as_i64()
+                    .is_some_and(|t| t >= asked)
+            });
+            state.is_some()
+        }),
+        "no reconcile recorded after SIGUSR1:\n{}",
+        agent.stderr()
+    );
+    state.unwrap()
+}
+
+/// `round_trip`, then waits until the state owes no restart: every restart
+/// that the input so far asked for has been done (and recorded by the test
+/// double) when this returns, so the restart log can be counted.
+pub fn quiesce(env: &Env, agent: &Agent) -> serde_json::Value {
+    round_trip(env, agent);
+    let path = env.path("state/state.json");
+    let mut state = None;
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            state = read_json(&path).filter(|s| !owes_restart(s));
+            state.is_some()
+        }),
+        "a restart is still owed:\n{}\n{}",
+        fs::read_to_string(&path).unwrap_or_default(),
+        agent.stderr()
+    );
+    state.unwrap()
+}
+
+/// Whether a `state.json` records a restart requested and not yet done.
+pub fn owes_restart(state: &serde_json::Value) -> bool {
+    state["units"]
+        .as_object()
+        .is_some_and(|units| units.values().any(|u| u["pending"] == true))
+}
+
+/// Waits until the wall clock reaches `at_ms`, then `round_trip`: the
+/// agent's loop has run after `at_ms`, so a timer due by then has fired
+/// (and logged) before this returns.
+pub fn round_trip_after(env: &Env, agent: &Agent, at_ms: i64) -> serde_json::Value {
+    wait_until(
+        Duration::from_millis((at_ms - now_ms()).max(0) as u64 + 1000),
+        || now_ms() >= at_ms,
+    );
+    round_trip(env, agent)
 }
