@@ -283,6 +283,17 @@ fn print_watch_status(w: &WatchSettings, st: &State) {
     if let Some(e) = &rec.last_error {
         println!("  last error: {e}");
     }
+    if let (Some(r), Some(unit)) = (&rec.refresh, w.refresh.as_ref().map(|r| &r.unit)) {
+        println!(
+            "  refresh through {unit}: {} refreshes, last started {}, last refreshed {}",
+            r.refreshes,
+            ago(r.last_started_ms),
+            ago(r.last_refreshed_ms)
+        );
+        if let Some(e) = &r.last_error {
+            println!("  refresh FAILED ({} in a row): {e}", r.failures);
+        }
+    }
     for unit in w.restart.iter().flat_map(|r| &r.units) {
         let u = st.units.get(unit).cloned().unwrap_or_default();
         println!(

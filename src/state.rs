@@ -63,6 +63,22 @@ pub struct WatchRecord {
     /// SHA-256 of the bytes last written to each copy destination, to
     /// notice another writer.
     pub copies: BTreeMap<String, String>,
+    /// `[watch.refresh]`, once it has started its unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<RefreshRecord>,
+}
+
+/// What `[watch.refresh]` did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RefreshRecord {
+    pub last_started_ms: Option<i64>,
+    pub last_refreshed_ms: Option<i64>,
+    /// Why the last refresh failed; cleared by a refresh that worked.
+    pub last_error: Option<String>,
+    /// Failures in a row.
+    pub failures: u32,
+    pub refreshes: u64,
 }
 
 impl WatchRecord {
@@ -90,7 +106,10 @@ impl WatchRecord {
     /// What is wrong with this watch now: the last error, else the last
     /// refusal (both are cleared when a file is applied).
     pub fn problem(&self) -> Option<&String> {
-        self.last_error.as_ref().or(self.last_refusal.as_ref())
+        self.last_error
+            .as_ref()
+            .or(self.last_refusal.as_ref())
+            .or(self.refresh.as_ref().and_then(|r| r.last_error.as_ref()))
     }
 
     pub fn short_fingerprint(&self) -> Option<&str> {

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 /// Failed actions (a copy, a mode) are retried after 1 s, doubling to 1 min.
 pub const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+/// Failed refreshes are retried after 30 s, doubling to 5 min.
+pub const REFRESH_RETRY: Backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(300));
 
 /// The current time, injected: monotonic for deadlines, the wall clock for
 /// `expiresAt` and the state's timestamps.
@@ -51,6 +53,21 @@ pub enum Effect {
     Restart(Vec<String>),
     /// A failed action is due for another try: read the source again.
     Reread,
+    /// Start the `[watch.refresh]` unit (the source's CLI refreshes).
+    StartRefresh(String),
+}
+
+/// Where `[watch.refresh]` stands for the token last applied.
+#[derive(Debug, Default)]
+struct Refresh {
+    /// A start job is running (at most one per watch).
+    in_flight: bool,
+    /// The `expiresAt` of the token the last start was for.
+    started_for: Option<i64>,
+    /// After a `done` start: a newer token must arrive by then.
+    wait_until: Option<Instant>,
+    failures: u32,
+    retry_at: Option<Instant>,
 }
 
 /// What one watch remembers between events (the state record holds what
@@ -69,6 +86,7 @@ pub struct Tracker {
     expires_at: Option<i64>,
     /// Quiet period before restarts, for the log line only.
     settle: Duration,
+    refresh: Refresh,
 }
 
 impl Tracker {
@@ -240,6 +258,7 @@ impl Tracker {
             return vec![info(format!("{}: {action}", w.name))];
         }
         let first = rec.fingerprint.is_none();
+        let mut fx = self.refreshed(w, rec, v.expires_at, now);
         rec.set_applied(fp, v.expires_at, now.wall_ms);
         self.expires_at = v.expires_at;
         self.expiry_warned = None;
@@ -247,7 +266,6 @@ impl Tracker {
         let action = format!("applied {fp}{expiry}: {changes}");
         rec.last_action = Some(action.clone());
         rec.last_action_at_ms = Some(now.wall_ms);
-        let mut fx = Vec::new();
         match &w.restart {
             Some(_) if first => fx.push(info(format!(
                 "{}: {action}; first credentials seen, adopted without a restart",
@@ -270,7 +288,7 @@ impl Tracker {
 
     /// Time passed: the deletion grace, the expiry warning and error, and
     /// a due retry.
-    pub fn on_tick(&mut self, w: &WatchSettings, now: Now) -> Vec<Effect> {
+    pub fn on_tick(&mut self, w: &WatchSettings, rec: &mut WatchRecord, now: Now) -> Vec<Effect> {
         let mut fx = Vec::new();
         if let Some(since) = self.absent_since {
             if !self.logout_warned && now.at >= clock::later(since, w.deletion_grace) {
@@ -284,6 +302,7 @@ impl Tracker {
             }
         }
         fx.extend(self.expiry(w, now));
+        fx.extend(self.refresh_tick(w, rec, now));
         if self.retry_at.is_some_and(|at| now.at >= at) {
             self.retry_at = None;
             fx.push(Effect::Reread);
@@ -292,9 +311,17 @@ impl Tracker {
     }
 
     /// When the token last applied starts to warn, and when it expires.
+    /// With `[watch.refresh]` something *is* refreshing the token: no
+    /// warning ahead of every refresh (a failed refresh is an error of its
+    /// own); only the error once it has expired. The warning point is then
+    /// the expiry itself.
     fn expiry_points(&self, w: &WatchSettings) -> Option<(i64, i64)> {
         let exp = self.expires_at?;
-        Some((exp.saturating_sub(clock::ms(w.expiry_warning)), exp))
+        let warning = match w.refresh {
+            Some(_) => Duration::ZERO,
+            None => w.expiry_warning,
+        };
+        Some((exp.saturating_sub(clock::ms(warning)), exp))
     }
 
     fn expiry(&mut self, w: &WatchSettings, now: Now) -> Option<Effect> {
@@ -329,7 +356,7 @@ impl Tracker {
         let expiry = self.expiry_points(w).and_then(|(warn_at, exp)| {
             // Not warned yet and not expired: warn at warn_at, which is
             // now when the token arrived already inside the window.
-            let at = if self.expiry_warned != Some(exp) && now.wall_ms < exp {
+            let at = if self.expiry_warned != Some(exp) && now.wall_ms < exp && warn_at < exp {
                 warn_at
             } else if self.expiry_errored != Some(exp) {
                 exp
@@ -338,7 +365,157 @@ impl Tracker {
             };
             Some(clock::later(now.at, clock::between_ms(now.wall_ms, at)))
         });
-        [grace, expiry, self.retry_at].into_iter().flatten().min()
+        let refresh = self.refresh_deadline(w, now);
+        [grace, expiry, self.retry_at, refresh]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// When the token last applied is due for a refresh (wall clock), if
+    /// a refresh may be started for it at all: configured, none running,
+    /// the source present and accepted.
+    fn refresh_due_ms(&self, w: &WatchSettings) -> Option<i64> {
+        let r = w.refresh.as_ref()?;
+        let exp = self.expires_at?;
+        let blocked = self.refresh.in_flight
+            || self.refresh.wait_until.is_some()
+            || self.absent_since.is_some()
+            || self.last_refusal.is_some();
+        (!blocked).then(|| exp.saturating_sub(clock::ms(r.ahead)))
+    }
+
+    fn refresh_deadline(&self, w: &WatchSettings, now: Now) -> Option<Instant> {
+        if let Some(until) = self.refresh.wait_until {
+            return Some(until);
+        }
+        let due = self.refresh_due_ms(w)?;
+        let at = clock::later(now.at, clock::between_ms(now.wall_ms, due));
+        Some(self.refresh.retry_at.map_or(at, |retry| retry.max(at)))
+    }
+
+    /// Starts the refresh unit when the token is due, or notes that the
+    /// last start brought no newer token in time.
+    fn refresh_tick(&mut self, w: &WatchSettings, rec: &mut WatchRecord, now: Now) -> Vec<Effect> {
+        let Some(r) = &w.refresh else {
+            return Vec::new();
+        };
+        if let Some(until) = self.refresh.wait_until {
+            if now.at < until {
+                return Vec::new();
+            }
+            self.refresh.wait_until = None;
+            let why = format!(
+                "{} ran but no newer token arrived within {}",
+                r.unit,
+                format_duration(r.timeout)
+            );
+            return self.refresh_failed(w, rec, why, now);
+        }
+        let Some(due) = self.refresh_due_ms(w) else {
+            return Vec::new();
+        };
+        if now.wall_ms < due || self.refresh.retry_at.is_some_and(|at| now.at < at) {
+            return Vec::new();
+        }
+        self.refresh.in_flight = true;
+        self.refresh.started_for = self.expires_at;
+        self.refresh.retry_at = None;
+        let refresh = rec.refresh.get_or_insert_with(Default::default);
+        refresh.last_started_ms = Some(now.wall_ms);
+        let exp = self.expires_at.map(fmt_ms).unwrap_or_default();
+        vec![
+            info(format!(
+                "{}: the token expires at {exp} (within {}): starting {} to refresh it",
+                w.name,
+                format_duration(r.ahead),
+                r.unit
+            )),
+            Effect::StartRefresh(r.unit.clone()),
+        ]
+    }
+
+    /// The start job of the refresh unit finished.
+    pub fn on_refresh_outcome(
+        &mut self,
+        w: &WatchSettings,
+        rec: &mut WatchRecord,
+        result: Result<(), String>,
+        now: Now,
+    ) -> Vec<Effect> {
+        let Some(r) = &w.refresh else {
+            return Vec::new();
+        };
+        self.refresh.in_flight = false;
+        match result {
+            // A newer token already arrived while the job ran.
+            Ok(()) if self.refresh.started_for != self.expires_at => Vec::new(),
+            Ok(()) => {
+                self.refresh.wait_until = Some(clock::later(now.at, r.timeout));
+                vec![debug(format!(
+                    "{}: {} ran; waiting up to {} for a newer token",
+                    w.name,
+                    r.unit,
+                    format_duration(r.timeout)
+                ))]
+            }
+            Err(e) => self.refresh_failed(w, rec, e, now),
+        }
+    }
+
+    fn refresh_failed(
+        &mut self,
+        w: &WatchSettings,
+        rec: &mut WatchRecord,
+        why: String,
+        now: Now,
+    ) -> Vec<Effect> {
+        self.refresh.failures = self.refresh.failures.saturating_add(1);
+        let delay = REFRESH_RETRY.delay(self.refresh.failures);
+        self.refresh.retry_at = Some(clock::later(now.at, delay));
+        let refresh = rec.refresh.get_or_insert_with(Default::default);
+        refresh.failures = self.refresh.failures;
+        refresh.last_error = Some(why.clone());
+        vec![
+            Effect::Log(
+                Level::Error,
+                format!(
+                    "{}: refresh failed: {why}; retrying in {}",
+                    w.name,
+                    format_duration(delay)
+                ),
+            ),
+            Effect::Status(format!("{}: refresh failed", w.name)),
+        ]
+    }
+
+    /// A newer credential arrived: if a refresh was under way, it worked.
+    fn refreshed(
+        &mut self,
+        w: &WatchSettings,
+        rec: &mut WatchRecord,
+        expires_at: Option<i64>,
+        now: Now,
+    ) -> Vec<Effect> {
+        let newer = match (expires_at, self.expires_at) {
+            (Some(new), Some(old)) => new > old,
+            _ => true,
+        };
+        let started =
+            self.refresh.started_for.is_some() && self.refresh.started_for == self.expires_at;
+        let waited = std::mem::take(&mut self.refresh);
+        self.refresh.in_flight = waited.in_flight;
+        if !(newer && started) {
+            return Vec::new();
+        }
+        let (Some(r), Some(record)) = (&w.refresh, rec.refresh.as_mut()) else {
+            return Vec::new();
+        };
+        record.refreshes = record.refreshes.saturating_add(1);
+        record.failures = 0;
+        record.last_error = None;
+        record.last_refreshed_ms = Some(now.wall_ms);
+        vec![info(format!("{}: refreshed through {}", w.name, r.unit))]
     }
 }
 

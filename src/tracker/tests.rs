@@ -152,10 +152,12 @@ fn deletion_grace_warns_once_after_the_grace() {
         t.next_deadline(&w, now),
         Some(now.at + Duration::from_secs(30))
     );
-    assert!(t.on_tick(&w, now.plus(Duration::from_secs(29))).is_empty());
-    let fx = t.on_tick(&w, now.plus(Duration::from_secs(30)));
+    assert!(t
+        .on_tick(&w, &mut rec, now.plus(Duration::from_secs(29)))
+        .is_empty());
+    let fx = t.on_tick(&w, &mut rec, now.plus(Duration::from_secs(30)));
     assert!(logs(&fx, Level::Warn)[0].contains("looks like a logout"));
-    assert!(t.on_tick(&w, now.plus(MIN)).is_empty(), "once");
+    assert!(t.on_tick(&w, &mut rec, now.plus(MIN)).is_empty(), "once");
     assert_eq!(t.next_deadline(&w, now.plus(MIN)), None, "idle: no wake-up");
     let fx = t.on_read(
         &w,
@@ -175,14 +177,17 @@ fn expiry_warns_then_errors_once_each() {
     t.on_read(&w, &mut rec, valid(1, T0 + 120 * 60_000, true), true, now);
     let warn_at = now.plus(90 * MIN);
     assert_eq!(t.next_deadline(&w, now), Some(warn_at.at));
-    assert!(t.on_tick(&w, now.plus(89 * MIN)).is_empty());
-    let fx = t.on_tick(&w, warn_at);
+    assert!(t.on_tick(&w, &mut rec, now.plus(89 * MIN)).is_empty());
+    let fx = t.on_tick(&w, &mut rec, warn_at);
     assert!(logs(&fx, Level::Warn)[0].contains("expires at"), "{fx:?}");
     assert_eq!(t.next_deadline(&w, warn_at), Some(now.plus(120 * MIN).at));
-    assert!(t.on_tick(&w, now.plus(100 * MIN)).is_empty(), "warned once");
-    let fx = t.on_tick(&w, now.plus(120 * MIN));
+    assert!(
+        t.on_tick(&w, &mut rec, now.plus(100 * MIN)).is_empty(),
+        "warned once"
+    );
+    let fx = t.on_tick(&w, &mut rec, now.plus(120 * MIN));
     assert!(logs(&fx, Level::Error)[0].contains("expired at"), "{fx:?}");
-    assert!(t.on_tick(&w, now.plus(200 * MIN)).is_empty());
+    assert!(t.on_tick(&w, &mut rec, now.plus(200 * MIN)).is_empty());
     assert_eq!(t.next_deadline(&w, now.plus(200 * MIN)), None);
 }
 
@@ -196,7 +201,7 @@ fn a_token_applied_inside_the_warning_window_is_warned_about_at_once() {
     t.on_read(&w, &mut rec, valid(1, T0 + 20 * 60_000, true), true, now);
     let due = t.next_deadline(&w, now).unwrap();
     assert!(due <= now.at, "deadline {due:?} is after now");
-    let fx = t.on_tick(&w, now);
+    let fx = t.on_tick(&w, &mut rec, now);
     assert!(logs(&fx, Level::Warn)[0].contains("(in 20m)"), "{fx:?}");
     assert_eq!(t.next_deadline(&w, now), Some(now.plus(20 * MIN).at));
     // Also when the agent starts with such a token in its state.
@@ -229,9 +234,9 @@ fn failed_actions_are_retried_with_backoff_and_do_not_advance_the_state() {
         t.next_deadline(&w, now),
         Some(now.plus(Duration::from_secs(1)).at)
     );
-    assert!(!t.on_tick(&w, now).contains(&Effect::Reread));
+    assert!(!t.on_tick(&w, &mut rec, now).contains(&Effect::Reread));
     let later = now.plus(Duration::from_secs(1));
-    assert!(t.on_tick(&w, later).contains(&Effect::Reread));
+    assert!(t.on_tick(&w, &mut rec, later).contains(&Effect::Reread));
     let fx = t.on_read(&w, &mut rec, failing(), true, later);
     assert!(
         logs(&fx, Level::Error)[0].ends_with("retrying in 2s"),
@@ -261,5 +266,166 @@ fn rollback_bookkeeping_keeps_the_last_applied_credential() {
         rec.applied(),
         Some(applied),
         "the newer credential stays the reference"
+    );
+}
+
+fn refreshing_watch() -> WatchSettings {
+    let text = r#"
+[[watch]]
+name = "w"
+source = "/home/u/.claude/.credentials.json"
+[watch.refresh]
+unit = "claude-refresh.service"
+ahead = "4m"
+timeout = "2m"
+"#;
+    parse_str(Path::new("/t.toml"), text)
+        .unwrap()
+        .watches
+        .remove(0)
+}
+
+fn starts(fx: &[Effect]) -> usize {
+    fx.iter()
+        .filter(|e| matches!(e, Effect::StartRefresh(_)))
+        .count()
+}
+
+#[test]
+fn refresh_starts_once_ahead_of_expiry_and_a_newer_token_ends_it() {
+    let (w, now) = (refreshing_watch(), start());
+    let mut rec = WatchRecord::default();
+    let mut t = Tracker::new(None, Duration::ZERO);
+    let exp = T0 + 60 * 60_000;
+    t.on_read(&w, &mut rec, valid(1, exp, true), true, now);
+    let due = now.plus(56 * MIN);
+    assert_eq!(t.next_deadline(&w, now), Some(due.at));
+    assert_eq!(starts(&t.on_tick(&w, &mut rec, now.plus(55 * MIN))), 0);
+    let fx = t.on_tick(&w, &mut rec, due);
+    assert_eq!(
+        fx.iter().find(|e| matches!(e, Effect::StartRefresh(_))),
+        Some(&Effect::StartRefresh("claude-refresh.service".into()))
+    );
+    // One in flight: nothing more, however often time passes.
+    assert_eq!(starts(&t.on_tick(&w, &mut rec, due.plus(MIN))), 0);
+    t.on_refresh_outcome(&w, &mut rec, Ok(()), due.plus(MIN));
+    assert_eq!(
+        t.next_deadline(&w, due.plus(MIN)),
+        Some(due.plus(3 * MIN).at),
+        "waits for the token"
+    );
+    let fx = t.on_read(
+        &w,
+        &mut rec,
+        valid(2, exp + 8 * 60 * 60_000, true),
+        true,
+        due.plus(2 * MIN),
+    );
+    assert!(
+        logs(&fx, Level::Info)
+            .iter()
+            .any(|l| l.contains("refreshed through claude-refresh.service")),
+        "{fx:?}"
+    );
+    let r = rec.refresh.clone().unwrap();
+    assert_eq!((r.refreshes, r.failures, r.last_error), (1, 0, None));
+    // The waiting is over: no failure when the timeout passes.
+    let fx = t.on_tick(&w, &mut rec, due.plus(10 * MIN));
+    assert!(
+        logs(&fx, Level::Error).is_empty() && starts(&fx) == 0,
+        "{fx:?}"
+    );
+}
+
+#[test]
+fn a_refresh_that_brings_nothing_fails_and_backs_off() {
+    let (w, now) = (refreshing_watch(), start());
+    let mut rec = WatchRecord::default();
+    let mut t = Tracker::new(None, Duration::ZERO);
+    let exp = T0 + 3 * 60_000;
+    // Applied inside `ahead`: due at once.
+    t.on_read(&w, &mut rec, valid(1, exp, true), true, now);
+    assert_eq!(starts(&t.on_tick(&w, &mut rec, now)), 1);
+    t.on_refresh_outcome(&w, &mut rec, Ok(()), now);
+    let fx = t.on_tick(&w, &mut rec, now.plus(2 * MIN));
+    let errors = logs(&fx, Level::Error);
+    assert!(
+        errors[0].contains("no newer token arrived within 2m")
+            && errors[0].ends_with("retrying in 30s"),
+        "{fx:?}"
+    );
+    assert_eq!(
+        rec.problem().map(String::as_str),
+        Some("claude-refresh.service ran but no newer token arrived within 2m")
+    );
+    let retry = now.plus(2 * MIN + Duration::from_secs(30));
+    assert_eq!(
+        t.next_deadline(&w, now.plus(2 * MIN))
+            .map(|d| d >= retry.at),
+        Some(true)
+    );
+    assert_eq!(
+        starts(&t.on_tick(&w, &mut rec, now.plus(2 * MIN + Duration::from_secs(29)))),
+        0
+    );
+    assert_eq!(starts(&t.on_tick(&w, &mut rec, retry)), 1);
+    // A failed job backs off further: 1 min, and never more than 5 min.
+    let fx = t.on_refresh_outcome(
+        &w,
+        &mut rec,
+        Err("job for claude-refresh.service finished with result \"failed\"".into()),
+        retry,
+    );
+    assert!(
+        logs(&fx, Level::Error)[0].ends_with("retrying in 1m"),
+        "{fx:?}"
+    );
+    assert_eq!(REFRESH_RETRY.delay(10), Duration::from_secs(300));
+}
+
+#[test]
+fn nothing_is_started_while_absent_or_refused_or_after_an_interactive_refresh() {
+    let (w, now) = (refreshing_watch(), start());
+    let mut rec = WatchRecord::default();
+    let mut t = Tracker::new(None, Duration::ZERO);
+    let exp = T0 + 60 * 60_000;
+    t.on_read(&w, &mut rec, valid(1, exp, true), true, now);
+    // Someone ran the CLI: a newer token before the refresh was due.
+    t.on_read(
+        &w,
+        &mut rec,
+        valid(2, exp + 60 * 60_000, true),
+        true,
+        now.plus(50 * MIN),
+    );
+    assert_eq!(
+        starts(&t.on_tick(&w, &mut rec, now.plus(57 * MIN))),
+        0,
+        "not for the replaced token"
+    );
+    t.on_read(
+        &w,
+        &mut rec,
+        Ok(Reconciled::Absent),
+        true,
+        now.plus(60 * MIN),
+    );
+    assert_eq!(
+        t.next_deadline(&w, now.plus(60 * MIN))
+            .map(|d| d < now.plus(200 * MIN).at),
+        Some(true),
+        "grace only"
+    );
+    assert_eq!(
+        starts(&t.on_tick(&w, &mut rec, now.plus(117 * MIN))),
+        0,
+        "absent: a logout"
+    );
+    let refused = Ok(Reconciled::Invalid(Refusal::Missing("accessToken")));
+    t.on_read(&w, &mut rec, refused, true, now.plus(118 * MIN));
+    assert_eq!(
+        starts(&t.on_tick(&w, &mut rec, now.plus(118 * MIN))),
+        0,
+        "refused"
     );
 }
