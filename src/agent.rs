@@ -288,9 +288,9 @@ impl Agent {
             let w = &self.settings.watches[n];
             // Only the watches with something due: no map lookup per
             // watch and loop (1,000 watches stay cheap).
-            if !self.trackers[n]
+            if self.trackers[n]
                 .next_deadline(w, now)
-                .is_some_and(|at| at <= now.at)
+                .is_none_or(|at| at > now.at)
             {
                 continue;
             }
