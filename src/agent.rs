@@ -5,7 +5,7 @@
 use crate::clock;
 use crate::config::{self, Settings};
 use crate::notify::{self, Notifier};
-use crate::reconcile::reconcile;
+use crate::reconcile::{reconcile, Inputs};
 use crate::schedule::{Plan, Scheduler};
 use crate::state::{self, now_ms, State};
 use crate::systemd::{ServiceManager, Worker};
@@ -208,7 +208,13 @@ impl Agent {
         let rec = self.state.watches.entry(w.name.clone()).or_default();
         let before = rec.clone();
         let last = rec.applied();
-        let result = reconcile(w, self.watcher.dir_fd(n), last.as_ref(), &rec.copies, false);
+        let ctx = Inputs {
+            last: last.as_ref(),
+            last_written: &rec.copies,
+            dry_run: false,
+            rescue_dir: &self.settings.agent.state_dir,
+        };
+        let result = reconcile(w, self.watcher.dir_fd(n), &ctx);
         let effects = self.trackers[n].on_read(w, rec, result, complete, now);
         // Write the state only when this watch's record changed (or a
         // restart became owed): an event that finds everything in sync,

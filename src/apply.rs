@@ -78,11 +78,14 @@ pub struct CopyOutcome {
 }
 
 /// Makes `copy.dest` hold exactly `payload` with the configured owner, group
-/// and mode. Writes (atomically) only when bytes or metadata differ.
+/// and mode. Writes (atomically) only when bytes or metadata differ; before
+/// other bytes are overwritten, `before_overwrite` sees them (and may stop
+/// the write with an error).
 pub fn ensure_copy(
     copy: &CopySettings,
     payload: &Secret,
     dry_run: bool,
+    before_overwrite: &mut dyn FnMut(&[u8]) -> Result<(), FsError>,
 ) -> Result<CopyOutcome, FsError> {
     let (dir_path, name) = crate::config::split_file(&copy.dest);
     let owner = copy.owner.as_ref().map(|a| Uid::from_raw(a.id));
@@ -114,6 +117,9 @@ pub fn ensure_copy(
         });
     };
     if !dry_run {
+        if let Some((_, bytes)) = current.as_ref().filter(|(_, b)| b != &payload.0) {
+            before_overwrite(bytes)?;
+        }
         fsutil::replace_file(
             dir.as_fd(),
             dir_path,

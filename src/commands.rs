@@ -4,13 +4,14 @@
 use crate::clock;
 use crate::config::{format_duration, Settings, WatchSettings};
 use crate::fsutil::{self, FsError};
-use crate::reconcile::{reconcile, Reconciled};
+use crate::reconcile::{reconcile, Inputs, Reconciled};
 use crate::state::{self, now_ms, State};
 use crate::systemd::ServiceManager;
 use crate::tracker::{Effect, Now, Tracker};
 use crate::validate::fmt_ms;
 use anyhow::bail;
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::time::Duration;
 
 /// One reconcile pass. Returns 0 when every watch is in sync or was
@@ -47,7 +48,7 @@ pub fn sync(
         .iter()
         .filter(|w| only.is_none_or(|n| n == w.name))
     {
-        let (ok, restart) = sync_watch(w, &mut st, dry_run);
+        let (ok, restart) = sync_watch(w, &mut st, dry_run, dir);
         healthy &= ok;
         healthy &= sync_restarts(w, &mut st, restart, &mut manager);
     }
@@ -64,7 +65,7 @@ pub fn sync(
 }
 
 /// Reconciles one watch and records it. Returns (healthy, restart owed).
-fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool) -> (bool, bool) {
+fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool, rescue_dir: &Path) -> (bool, bool) {
     let (dir_path, _) = w.source_dir_and_name();
     let rec = st.watches.entry(w.name.clone()).or_default();
     let last = rec.applied();
@@ -77,7 +78,13 @@ fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool) -> (bool, bool) 
         }
     };
     let dir = dir_fd.as_ref().map(|f| f.as_fd());
-    let result = reconcile(w, dir, last.as_ref(), &rec.copies, dry_run);
+    let ctx = Inputs {
+        last: last.as_ref(),
+        last_written: &rec.copies,
+        dry_run,
+        rescue_dir,
+    };
+    let result = reconcile(w, dir, &ctx);
     let healthy = print_outcome(w, &result, dry_run);
     if dry_run {
         return (healthy, false);
@@ -283,6 +290,13 @@ fn print_watch_status(w: &WatchSettings, st: &State) {
     if let Some(e) = &rec.last_error {
         println!("  last error: {e}");
     }
+    if rec.rescued > 0 {
+        println!(
+            "  RESCUED {} newer credential(s) from copies (a consumer refreshed): see the journal and {}",
+            rec.rescued,
+            st_dir_hint()
+        );
+    }
     if let (Some(r), Some(unit)) = (&rec.refresh, w.refresh.as_ref().map(|r| &r.unit)) {
         println!(
             "  refresh through {unit}: {} refreshes, last started {}, last refreshed {}",
@@ -312,7 +326,7 @@ fn print_watch_status(w: &WatchSettings, st: &State) {
 
 /// Sends the running agent SIGUSR1 and returns its state once it records
 /// the reconcile that followed.
-fn ask_agent(dir: &std::path::Path) -> anyhow::Result<State> {
+fn ask_agent(dir: &Path) -> anyhow::Result<State> {
     let load = || state::load_or_fresh(dir);
     // A starting agent holds the lock a moment before it records its PID.
     let mut pid = None;
@@ -347,4 +361,8 @@ fn ask_agent(dir: &std::path::Path) -> anyhow::Result<State> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn st_dir_hint() -> &'static str {
+    "state_dir/rescued-*.json"
 }

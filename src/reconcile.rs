@@ -3,14 +3,14 @@
 //! restarts) is the tracker's.
 
 use crate::apply;
-use crate::config::WatchSettings;
-use crate::fsutil::{DirChain, FsError};
+use crate::config::{Format, WatchSettings};
+use crate::fsutil::{self, DirChain, FsError};
 use crate::source::{read_source, ReadOutcome, SourceFile};
 use crate::validate::{self, Applied, Fingerprint, Refusal, Validated};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::os::fd::BorrowedFd;
-use std::path::Path;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
 
 /// The result of one reconcile.
 #[derive(Debug)]
@@ -47,12 +47,24 @@ pub enum Notice {
     Format(&'static str),
     /// A copy held bytes the agent did not write.
     CopyTampered { dest: String },
+    /// A copy held a newer credential than the source (a consumer
+    /// refreshed): saved before the copy was restored.
+    CopyRescued {
+        dest: String,
+        saved: PathBuf,
+        source: PathBuf,
+    },
 }
 
 impl Notice {
     /// Said once per credential, not at every event.
     pub fn once_per_credential(&self) -> bool {
         matches!(self, Notice::Format(_))
+    }
+
+    /// A rescued credential needs a person: an error, not a warning.
+    pub fn is_error(&self) -> bool {
+        matches!(self, Notice::CopyRescued { .. })
     }
 }
 
@@ -63,6 +75,13 @@ impl fmt::Display for Notice {
             Notice::CopyTampered { dest } => write!(
                 f,
                 "{dest} was modified by another writer (a consumer must not refresh the token: it would rotate the single-use refresh token); restoring our copy"
+            ),
+            Notice::CopyRescued { dest, saved, source } => write!(
+                f,
+                "{dest} held a newer credential than the source: a consumer refreshed it, which consumed the source's single-use refresh token. It was saved to {} before the copy was restored. Recover now: install it as the source, as the source's owner (e.g. install -o OWNER -m 0600 {} {}), then stop that consumer from refreshing (cred-watch doctor names it)",
+                saved.display(),
+                saved.display(),
+                source.display()
             ),
         }
     }
@@ -83,15 +102,26 @@ pub struct Valid {
     pub written: BTreeMap<String, String>,
 }
 
-/// Reconciles watch `w` whose directory is `dir`. `last` is what was last
-/// applied; `last_written` what was last written to each destination.
+/// What one reconcile of a watch needs to know besides its settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// What was last applied (rollback check, "changed").
+    pub last: Option<&'a Applied>,
+    /// What was last written to each destination (another writer check).
+    pub last_written: &'a BTreeMap<String, String>,
+    pub dry_run: bool,
+    /// Where a newer credential found in a copy is saved before the copy
+    /// is restored (`state_dir`).
+    pub rescue_dir: &'a Path,
+}
+
+/// Reconciles watch `w` whose directory is `dir`.
 pub fn reconcile(
     w: &WatchSettings,
     dir: Option<BorrowedFd>,
-    last: Option<&Applied>,
-    last_written: &BTreeMap<String, String>,
-    dry_run: bool,
+    ctx: &Inputs,
 ) -> Result<Reconciled, FsError> {
+    let (last, dry_run) = (ctx.last, ctx.dry_run);
     let (dir_path, name) = w.source_dir_and_name();
     // With `traverse`, the source is read through a fresh walk whose
     // directory descriptors are the very ones that get the search bits.
@@ -127,7 +157,7 @@ pub fn reconcile(
         written: BTreeMap::new(),
     };
     apply_permissions(w, &file, chain.as_ref(), dry_run, &mut out);
-    apply_copies(w, &file, &v, last_written, dry_run, &mut out);
+    apply_copies(w, &file, &v, ctx, &mut out);
     Ok(Reconciled::Applied(out))
 }
 
@@ -158,21 +188,35 @@ fn apply_copies(
     w: &WatchSettings,
     file: &SourceFile,
     v: &Validated,
-    last_written: &BTreeMap<String, String>,
-    dry_run: bool,
+    ctx: &Inputs,
     out: &mut Valid,
 ) {
     for copy in &w.copies {
         let payload = validate::copy_payload(&file.bytes.0, v, copy.shape(w.format));
         let ours = Fingerprint::of(&payload.0);
         let dest = copy.dest.display().to_string();
-        match apply::ensure_copy(copy, &payload, dry_run) {
+        let mut rescued = None;
+        let mut before_overwrite = |current: &[u8]| {
+            rescued = rescue_newer(w, v, current, ctx.rescue_dir)?;
+            Ok(())
+        };
+        match apply::ensure_copy(copy, &payload, ctx.dry_run, &mut before_overwrite) {
             Ok(o) => {
                 let tampered = o.change.is_some()
                     && o.previous.is_some_and(|prev| {
-                        prev != ours && last_written.get(&dest).is_some_and(|l| *l != prev.hex())
+                        prev != ours
+                            && ctx
+                                .last_written
+                                .get(&dest)
+                                .is_some_and(|l| *l != prev.hex())
                     });
-                if tampered {
+                if let Some(saved) = rescued {
+                    out.notices.push(Notice::CopyRescued {
+                        dest: dest.clone(),
+                        saved,
+                        source: w.source.clone(),
+                    });
+                } else if tampered {
                     out.notices
                         .push(Notice::CopyTampered { dest: dest.clone() });
                 }
@@ -182,4 +226,42 @@ fn apply_copies(
             Err(e) => out.errors.push(e),
         }
     }
+}
+
+/// A copy about to be overwritten that holds a valid credential newer than
+/// the source's, with a refresh token: a consumer refreshed, so that token
+/// is the only live one (the source's was consumed). It is saved (0600)
+/// under `dir` first; the path is returned. Nothing is overwritten when
+/// the save fails.
+fn rescue_newer(
+    w: &WatchSettings,
+    source: &Validated,
+    current: &[u8],
+    dir: &Path,
+) -> Result<Option<PathBuf>, FsError> {
+    if w.format != Format::ClaudeOauth {
+        return Ok(None);
+    }
+    let now = crate::state::now_ms();
+    let Ok(theirs) = validate::validate(w.format, current, now, None, w.policy()) else {
+        return Ok(None);
+    };
+    let newer = theirs.expires_at > source.expires_at && theirs.fingerprint != source.fingerprint;
+    if !newer || !theirs.has_refresh_token() {
+        return Ok(None);
+    }
+    let name = format!(
+        "rescued-{}-{}-{}.json",
+        w.name,
+        now,
+        theirs.fingerprint.short()
+    );
+    let fd = fsutil::open_private_dir(dir, Some(0o700), false)?;
+    let meta = fsutil::FileMeta {
+        owner: None,
+        group: None,
+        mode: 0o600,
+    };
+    fsutil::replace_file(fd.as_fd(), dir, name.as_ref(), current, meta)?;
+    Ok(Some(dir.join(name)))
 }

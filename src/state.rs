@@ -63,9 +63,17 @@ pub struct WatchRecord {
     /// SHA-256 of the bytes last written to each copy destination, to
     /// notice another writer.
     pub copies: BTreeMap<String, String>,
+    /// Newer credentials found in a copy (a consumer refreshed) and saved
+    /// to `state_dir` before the copy was restored.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rescued: u64,
     /// `[watch.refresh]`, once it has started its unit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh: Option<RefreshRecord>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What `[watch.refresh]` did.

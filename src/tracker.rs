@@ -224,7 +224,13 @@ impl Tracker {
         rec.last_refusal = None;
         fx.extend(self.record(w, rec, &v, now));
         for n in v.notices.iter().filter(|n| !n.once_per_credential()) {
-            fx.push(Effect::Log(Level::Warn, format!("{}: {n}", w.name)));
+            let level = if n.is_error() {
+                rec.rescued = rec.rescued.saturating_add(1);
+                Level::Error
+            } else {
+                Level::Warn
+            };
+            fx.push(Effect::Log(level, format!("{}: {n}", w.name)));
         }
         fx
     }

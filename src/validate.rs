@@ -167,6 +167,18 @@ pub struct Validated {
     pub warnings: Vec<&'static str>,
 }
 
+impl Validated {
+    /// `claudeAiOauth.refreshToken` is there and not empty.
+    pub fn has_refresh_token(&self) -> bool {
+        self.object
+            .as_ref()
+            .and_then(|o| o.get("claudeAiOauth"))
+            .and_then(|o| o.get("refreshToken"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty())
+    }
+}
+
 impl fmt::Debug for Validated {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Validated")

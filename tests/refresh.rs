@@ -186,3 +186,56 @@ fn an_interactive_refresh_first_means_no_start() {
     let (status, _) = agent.stop();
     assert!(status.success());
 }
+
+/// A consumer refreshed through its copy: the copy now holds the only live
+/// refresh token. It is saved under `state_dir` (0600) before the copy is
+/// restored, with an error that says how to recover.
+#[test]
+fn a_newer_credential_in_a_copy_is_saved_before_the_copy_is_restored() {
+    let (env, src) = setup();
+    let source = creds_exp(1, now_ms() + 3_600_000);
+    write_atomic(&src, &source);
+    let config = env.config(&standard_config(
+        "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
+    ));
+    let agent = Agent::start(&env, &config);
+    let dest = env.path("shared/.credentials.json");
+    assert_eq!(read_json(&dest), Some(copied(&source)));
+    // The consumer's CLI refreshed and saved its new pair into the copy.
+    let theirs = creds_exp(2, now_ms() + 8 * 3_600_000);
+    write_atomic(&dest, &theirs);
+    round_trip(&env, &agent);
+    assert_eq!(read_json(&dest), Some(copied(&source)), "copy restored");
+    let saved: Vec<_> = fs::read_dir(env.path("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("rescued-")
+        })
+        .collect();
+    assert_eq!(saved.len(), 1, "{}", agent.stderr());
+    assert_eq!(
+        fs::read_to_string(&saved[0]).unwrap(),
+        theirs,
+        "saved as it was"
+    );
+    assert_eq!(mode(&saved[0]), 0o600);
+    let log = agent.stderr();
+    assert!(
+        log.contains("ERROR") && log.contains("held a newer credential"),
+        "{log}"
+    );
+    // An older or equal credential in the copy is only a tampering warning.
+    write_atomic(&dest, "{}");
+    round_trip(&env, &agent);
+    assert_eq!(read_json(&dest), Some(copied(&source)));
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    let (_, out, _) = env.cmd(&["status", "--config", config.to_str().unwrap()]);
+    assert!(out.contains("RESCUED 1"), "{out}");
+    let rescued_files = fs::read_dir(env.path("state")).unwrap().count();
+    assert_eq!(rescued_files, 3, "state.json, lock and one rescued file");
+}
