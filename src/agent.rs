@@ -4,6 +4,7 @@
 
 use crate::clock;
 use crate::config::{self, Settings};
+use crate::metrics;
 use crate::notify::{self, Notifier};
 use crate::reconcile::{reconcile, Inputs};
 use crate::schedule::{Plan, Scheduler};
@@ -14,10 +15,13 @@ use crate::watch::{Change, Watcher};
 use anyhow::Context;
 use log::{debug, error, info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use std::io::Read;
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// At most one state write per this interval during a storm.
@@ -48,24 +52,24 @@ pub fn run(
     settings: Settings,
     manager: Box<dyn ServiceManager>,
 ) -> anyhow::Result<()> {
-    let mut mask = SigSet::empty();
-    for s in [
-        Signal::SIGHUP,
-        Signal::SIGUSR1,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-    ] {
-        mask.add(s);
+    // The handlers set a flag, then write to a socket the loop polls: no
+    // signal mask, so the worker thread and the processes we start get the
+    // usual one.
+    let (sigfd, sigwake) = UnixStream::pair().context("creating the signal socket")?;
+    sigfd
+        .set_nonblocking(true)
+        .context("creating the signal socket")?;
+    let signals =
+        [SIGTERM, SIGINT, SIGHUP, SIGUSR1].map(|sig| (sig, Arc::new(AtomicBool::new(false))));
+    for (sig, flag) in &signals {
+        signal_hook::flag::register(*sig, Arc::clone(flag))
+            .and_then(|_| signal_hook::low_level::pipe::register(*sig, sigwake.try_clone()?))
+            .with_context(|| format!("handling signal {sig}"))?;
     }
-    // Blocked before any thread starts, so every thread inherits the mask
-    // and the signals arrive only through the signalfd.
-    mask.thread_block().context("blocking signals")?;
-    let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .context("creating signalfd")?;
     let worker = Worker::spawn(manager).context("starting the restart worker")?;
     let mut agent = Agent::new(config_path, settings, worker)?;
     agent.start()?;
-    let result = agent.event_loop(&sigfd);
+    let result = agent.event_loop(&sigfd, &signals);
     agent.notifier.send("STOPPING=1");
     agent.persist();
     result
@@ -106,6 +110,12 @@ impl Agent {
         self.persist();
         let status = self.summary();
         self.notifier.send(&format!("READY=1\nSTATUS={status}"));
+        // The first ping now: an agent with nothing to do would otherwise
+        // never wake to send one, and systemd would kill it.
+        if let Some(every) = self.watchdog {
+            self.notifier.send("WATCHDOG=1");
+            self.next_watchdog = Some(clock::later(Instant::now(), every / 2));
+        }
         info!("ready: {status}");
         Ok(())
     }
@@ -234,6 +244,7 @@ impl Agent {
                 Effect::Restart(units) => self.owe_restarts(n, &units, now),
                 Effect::Reread => self.process(n, true),
                 Effect::StartRefresh(unit) => self.start_refresh(n, unit),
+                Effect::Alert(why) => self.alert(n, why),
             }
         }
     }
@@ -270,6 +281,23 @@ impl Agent {
             .submit(vec![crate::schedule::Job { unit, plan }]);
     }
 
+    /// Starts `[agent] alert_unit` for watch `n` (`%i`: its escaped name).
+    fn alert(&mut self, n: usize, why: &str) {
+        let Some(template) = &self.settings.agent.alert_unit else {
+            return;
+        };
+        let name = &self.settings.watches[n].name;
+        let unit = template.replace("%i", &systemd_escape(name));
+        warn!("{name}: {why}: starting the alert unit {unit}");
+        let plan = Plan {
+            action: config::RestartAction::Start,
+            timeout: Duration::from_secs(30),
+            min_interval: Duration::ZERO,
+        };
+        self.worker
+            .submit(vec![crate::schedule::Job { unit, plan }]);
+    }
+
     /// A refresh unit's start job finished: to the watch that started it.
     fn refresh_outcome(&mut self, unit: &str, result: Result<(), String>) {
         let now = Now::current();
@@ -279,6 +307,10 @@ impl Agent {
             .iter()
             .position(|w| w.refresh.as_ref().is_some_and(|r| r.unit == unit))
         else {
+            // An alert unit.
+            if let Err(e) = result {
+                error!("alert unit {unit}: {e}");
+            }
             return;
         };
         let w = &self.settings.watches[n];
@@ -371,11 +403,29 @@ impl Agent {
                         failures.saturating_add(1)
                     );
                     rec.restart_failed(now.wall_ms, e, failures);
+                    if failures >= 2 {
+                        self.restart_failed_alerts(&out.unit, now);
+                    }
                     self.notifier
                         .status(&format!("restart of {} failed", out.unit));
                 }
             }
             self.dirty = true;
+        }
+    }
+
+    /// A unit's restart failed again after its first retry: each watch
+    /// that restarts it raises its alert.
+    fn restart_failed_alerts(&mut self, unit: &str, now: Now) {
+        for n in 0..self.trackers.len() {
+            let uses = self.settings.watches[n]
+                .restart
+                .as_ref()
+                .is_some_and(|r| r.units.iter().any(|u| u == unit));
+            if uses {
+                let effects = self.trackers[n].on_restart_failed();
+                self.execute(n, effects, now);
+            }
         }
     }
 
@@ -448,6 +498,21 @@ impl Agent {
             Ok(()) => self.dirty = false,
             Err(e) => error!("cannot save state: {e}"),
         }
+        if let Some(path) = &self.settings.agent.metrics_file {
+            let text = metrics::render(&self.settings, &self.state, &|n| self.source_ok(n));
+            if let Err(e) = metrics::write(path, &text) {
+                error!("cannot write metrics: {e}");
+            }
+        }
+    }
+
+    /// Watch `n`'s source is present, valid and applied.
+    fn source_ok(&self, n: usize) -> bool {
+        let t = &self.trackers[n];
+        let rec = self.state.watches.get(&self.settings.watches[n].name);
+        !t.is_absent()
+            && !t.is_refused()
+            && rec.is_some_and(|r| r.fingerprint.is_some() && r.last_error.is_none())
     }
 
     /// When a coalesced state write is due. The first change after a quiet
@@ -470,7 +535,11 @@ impl Agent {
         format!("watching {n} source(s), {absent} absent, {refused} refused")
     }
 
-    fn event_loop(&mut self, sigfd: &SignalFd) -> anyhow::Result<()> {
+    fn event_loop(
+        &mut self,
+        sigfd: &UnixStream,
+        signals: &[(i32, Arc<AtomicBool>)],
+    ) -> anyhow::Result<()> {
         loop {
             let timeout = match self.next_deadline() {
                 None => PollTimeout::NONE,
@@ -495,14 +564,20 @@ impl Agent {
                 (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
             };
             if sig {
-                while let Ok(Some(info)) = sigfd.read_signal() {
-                    match Signal::try_from(info.ssi_signo as i32) {
-                        Ok(Signal::SIGTERM | Signal::SIGINT) => {
-                            info!("stopping on signal {}", info.ssi_signo);
+                // Drain first, then read the flags: a signal that comes
+                // in between wakes the next poll.
+                while matches!((&*sigfd).read(&mut [0; 64]), Ok(n) if n > 0) {}
+                for (signo, flag) in signals {
+                    if !flag.swap(false, Ordering::Relaxed) {
+                        continue;
+                    }
+                    match *signo {
+                        SIGTERM | SIGINT => {
+                            info!("stopping on signal {signo}");
                             return Ok(());
                         }
-                        Ok(Signal::SIGHUP) => self.reload(),
-                        Ok(Signal::SIGUSR1) => {
+                        SIGHUP => self.reload(),
+                        SIGUSR1 => {
                             info!("SIGUSR1: reconciling everything now");
                             self.reconcile_all("SIGUSR1");
                         }
@@ -611,4 +686,28 @@ fn plan(r: &config::RestartSettings) -> Plan {
 
 fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
+}
+
+/// A string as `systemd-escape` writes it for a unit instance: `[A-Za-z0-9_]`
+/// (and `.` but not first) kept, `/` as `-`, every other byte `\xNN`.
+fn systemd_escape(s: &str) -> String {
+    let mut out = String::new();
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i > 0 => out.push('.'),
+            b if b.is_ascii_alphanumeric() || b == b'_' => out.push(b as char),
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_like_systemd_escape() {
+        assert_eq!(super::systemd_escape("claude-prod_1"), "claude\\x2dprod_1");
+        assert_eq!(super::systemd_escape(".x"), "\\x2ex");
+    }
 }

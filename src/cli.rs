@@ -5,13 +5,22 @@ use crate::config::{self, ConfigError, Settings};
 use crate::doubles::{FixtureUnits, Recorder, RECORD_ENV, UNITS_FIXTURE_ENV};
 use crate::systemd::{ServiceManager, Systemd, SystemdQuery, UnitQuery};
 use crate::EX_CONFIG;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
+
+/// `--version`: the package version and the commit it was built from
+/// (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("CRED_WATCH_GIT_COMMIT"),
+    ")"
+);
 
 #[derive(Debug, Parser)]
 #[command(
     name = "cred-watch",
-    version,
+    version = VERSION,
     about = "Keeps OAuth credentials readable, copied and fresh for the services that use them"
 )]
 struct Cli {
@@ -52,6 +61,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (what the package installs).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The completion script for `shell`, from the real command line.
+fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    const BIN: &str = "cred-watch";
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), BIN, &mut out);
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete escapes the `-` of the name in the subcommands'
+        // case labels differently than in the state it matches them
+        // against (clap-rs/clap#6421): no subcommand option would complete.
+        let text = String::from_utf8_lossy(&out)
+            .replace(&BIN.replace('-', "__subcmd__"), &BIN.replace('-', "__"));
+        out = text.into_bytes();
+    }
+    out
 }
 
 /// Entry point: returns the process exit code.
@@ -63,6 +94,16 @@ pub fn run() -> i32 {
             return e.exit_code();
         }
     };
+    if let Command::Completions { shell } = cli.command {
+        use std::io::Write;
+        return match std::io::stdout().write_all(&completions(shell)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("cred-watch: writing the completion script: {e}");
+                1
+            }
+        };
+    }
     crate::logging::init(log::LevelFilter::Info);
     let path = config::main_path(cli.config.as_deref());
     let settings = match config::load(&path) {
@@ -133,6 +174,7 @@ fn dispatch(command: Command, path: PathBuf, settings: Settings) -> anyhow::Resu
             Ok(crate::doctor::print(&findings, json))
         }
         Command::Status { json } => crate::commands::status(&settings, json),
+        Command::Completions { .. } => unreachable!("handled before the configuration is read"),
     }
 }
 

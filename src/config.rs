@@ -221,6 +221,25 @@ struct RawAgent {
     state_dir: Option<CfgPath>,
     settle: Option<Dur>,
     resync_interval: Option<Dur>,
+    metrics_file: Option<CfgPath>,
+    alert_unit: Option<AlertUnit>,
+}
+
+/// `[agent] alert_unit`: a unit name, `%i` standing for the watch's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AlertUnit(String);
+
+impl<'de> Deserialize<'de> for AlertUnit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if valid_unit_name(&s.replace("%i", "x")) {
+            Ok(AlertUnit(s))
+        } else {
+            Err(serde::de::Error::custom(
+                "expected a unit name such as \"cred-watch-alert@%i.service\" (%i: the watch's name)",
+            ))
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -286,7 +305,7 @@ const KNOWN_NAMES: &[&str] = &[
     "allow_rollback", "max_lifetime", "permissions", "copy", "restart", "file_mode",
     "traverse", "dest", "owner", "group", "mode", "dir_mode", "drop_keys", "units",
     "action", "timeout", "min_interval", "refresh", "unit", "ahead",
-    "keep_refresh_token", "claude-oauth", "json", "any", "try-restart",
+    "keep_refresh_token", "metrics_file", "alert_unit", "claude-oauth", "json", "any", "try-restart",
     "reload-or-restart", "error", "warn", "info", "debug", "trace", "true", "false",
 ];
 
@@ -484,6 +503,12 @@ pub struct AgentSettings {
     pub settle: Duration,
     #[serde(serialize_with = "ser_dur")]
     pub resync_interval: Duration,
+    /// Prometheus text file for node_exporter's textfile collector.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_file: Option<PathBuf>,
+    /// Started once per problem; `%i` is the (escaped) watch name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert_unit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -994,6 +1019,8 @@ fn merge(merged: &mut Merged, raw: RawFile, index: usize, src: &Source) -> Resul
         m.state_dir = agent.state_dir.or(m.state_dir.take());
         m.settle = agent.settle.or(m.settle);
         m.resync_interval = agent.resync_interval.or(m.resync_interval);
+        m.metrics_file = agent.metrics_file.or(m.metrics_file.take());
+        m.alert_unit = agent.alert_unit.or(m.alert_unit.take());
     }
     let mut seen: BTreeMap<WatchName, usize> = BTreeMap::new();
     for w in raw.watch {
@@ -1073,6 +1100,8 @@ fn agent_settings(a: RawAgent) -> AgentSettings {
         ),
         settle: a.settle.map_or(Duration::from_millis(500), |d| d.0),
         resync_interval: a.resync_interval.map_or(Duration::ZERO, |d| d.0),
+        metrics_file: a.metrics_file.map(|p| absolute(p.0)),
+        alert_unit: a.alert_unit.map(|u| u.0),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::config::{Account, Settings, WatchSettings};
 use crate::fsutil::{self, perm_bits, FsError};
 use crate::source::{read_source, ReadOutcome};
 use crate::state::{self, now_ms, State};
-use crate::systemd::UnitQuery;
+use crate::systemd::{UnitInfo, UnitQuery};
 use crate::validate::{self, fmt_ms, Refusal, Secret, Validated};
 use serde::Serialize;
 use std::os::fd::AsFd;
@@ -18,6 +18,8 @@ use std::time::Duration;
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Ok,
+    /// Information, not a problem (e.g. a unit that authenticates another way).
+    Info,
     Warn,
     Fail,
 }
@@ -63,6 +65,7 @@ pub fn print(findings: &[Finding], json: bool) -> i32 {
         for f in findings {
             let tag = match f.status {
                 Level::Ok => "ok  ",
+                Level::Info => "info",
                 Level::Warn => "warn",
                 Level::Fail => "fail",
             };
@@ -154,13 +157,16 @@ fn check_units(
             }
             Ok(info) => {
                 check_unit(r, w, unit, &info);
+                if info.load_state == "loaded" && unit.ends_with(".service") {
+                    check_consumer(r, w, unit, &info, Role::Consumer);
+                }
                 if !info.user.is_empty() && info.user != "root" && !readers.contains(&info.user) {
                     readers.push(info.user.clone());
                 }
             }
         }
     }
-    asked
+    asked & check_refresher(r, w, query)
 }
 
 /// The fix for a source that is absent: only its owner's CLI writes it.
@@ -414,7 +420,7 @@ fn check_readers(r: &mut Report, w: &WatchSettings, users: &[String]) {
             continue;
         };
         for target in reader_targets(w) {
-            match can_read(&account, &target) {
+            match can_read(&account, account.gid, &target) {
                 Ok(()) => r.ok(check.clone(), format!("can open {}", target.display())),
                 Err(why) => {
                     let fix = if w.copies.is_empty() {
@@ -441,9 +447,39 @@ fn system_user(name: &str) -> Option<nix::unistd::User> {
     nix::unistd::User::from_uid(account.id.into()).ok()?
 }
 
-/// Opens `path` for real in a child process running as `user` (its groups
-/// included), so modes, groups and ACLs all count.
-fn can_read(user: &nix::unistd::User, path: &Path) -> Result<(), String> {
+/// What [`probe_as`] tries.
+#[derive(Clone, Copy)]
+enum Probe {
+    /// open(O_RDONLY), as the CLI reads its credentials.
+    Open,
+    /// access(W_OK|X_OK) on a directory: could the user create entries
+    /// there (the CLI's `mkdir .oauth_refresh.lock`)? Creates nothing.
+    CreateEntries,
+}
+
+/// Opens `path` for real in a child process running as `user` with primary
+/// group `gid` (its supplementary groups included), so modes, groups and
+/// ACLs all count.
+fn can_read(user: &nix::unistd::User, gid: nix::unistd::Gid, path: &Path) -> Result<(), String> {
+    match probe_as(user, gid, path, Probe::Open)? {
+        Ok(()) => Ok(()),
+        Err(err) => Err(match blocking_ancestor(path) {
+            Some(hint) if err == nix::errno::Errno::EACCES => format!("{err}; {hint}"),
+            _ => err.to_string(),
+        }),
+    }
+}
+
+/// Runs `probe` on `path` in a child process running as `user` with primary
+/// group `gid` and the user's supplementary groups, so modes, groups, ACLs,
+/// immutable files and read-only mounts all count. `Err`: could not test;
+/// `Ok(Err(errno))`: the system call failed as that user.
+fn probe_as(
+    user: &nix::unistd::User,
+    gid: nix::unistd::Gid,
+    path: &Path,
+    probe: Probe,
+) -> Result<Result<(), nix::errno::Errno>, String> {
     use nix::sys::wait::{waitpid, WaitStatus};
     use nix::unistd::{fork, ForkResult};
     use std::os::unix::ffi::OsStrExt;
@@ -451,18 +487,13 @@ fn can_read(user: &nix::unistd::User, path: &Path) -> Result<(), String> {
     if !me.is_root() && me != user.uid {
         return Err("cannot test as another user without root (run doctor as root)".into());
     }
-    let name = std::ffi::CString::new(user.name.as_bytes()).map_err(|e| e.to_string())?;
-    let groups: Vec<libc::gid_t> = if me.is_root() {
-        nix::unistd::getgrouplist(&name, user.gid)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|g| g.as_raw())
-            .collect()
+    let groups = if me.is_root() {
+        supplementary_groups(user, gid)?
     } else {
         Vec::new()
     };
     let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    let (uid, gid) = (user.uid.as_raw(), gid.as_raw());
     // SAFETY: the child only makes raw system calls and _exits.
     match unsafe { fork() }.map_err(|e| e.to_string())? {
         ForkResult::Child => unsafe {
@@ -473,29 +504,40 @@ fn can_read(user: &nix::unistd::User, path: &Path) -> Result<(), String> {
             {
                 libc::_exit(100);
             }
-            let fd = libc::open(
-                cpath.as_ptr(),
-                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            );
-            libc::_exit(if fd >= 0 {
+            let done = match probe {
+                Probe::Open => {
+                    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC;
+                    libc::open(cpath.as_ptr(), flags) >= 0
+                }
+                Probe::CreateEntries => libc::access(cpath.as_ptr(), libc::W_OK | libc::X_OK) == 0,
+            };
+            libc::_exit(if done {
                 0
             } else {
-                (*libc::__errno_location()).min(99)
+                (*libc::__errno_location()).clamp(1, 99)
             });
         },
         ForkResult::Parent { child } => match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+            Ok(WaitStatus::Exited(_, 0)) => Ok(Ok(())),
             Ok(WaitStatus::Exited(_, 100)) => Err("could not switch to that user".into()),
-            Ok(WaitStatus::Exited(_, errno)) => {
-                let err = nix::errno::Errno::from_raw(errno);
-                Err(match blocking_ancestor(path) {
-                    Some(hint) => format!("{err}; {hint}"),
-                    None => err.to_string(),
-                })
-            }
+            Ok(WaitStatus::Exited(_, errno)) => Ok(Err(nix::errno::Errno::from_raw(errno))),
             other => Err(format!("test process ended oddly: {other:?}")),
         },
     }
+}
+
+/// The groups a process of `user` with primary group `gid` has, as
+/// systemd and login set them (the group database, `gid` included).
+fn supplementary_groups(
+    user: &nix::unistd::User,
+    gid: nix::unistd::Gid,
+) -> Result<Vec<libc::gid_t>, String> {
+    let name = std::ffi::CString::new(user.name.as_bytes()).map_err(|e| e.to_string())?;
+    Ok(nix::unistd::getgrouplist(&name, gid)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect())
 }
 
 /// A hint: the first ancestor without o+x, the usual culprit (e.g. /root 0700).
@@ -675,6 +717,558 @@ fn check_agent(r: &mut Report, state: &State) {
             Level::Warn,
             format!("restart pending for {}", names.join(", ")),
             Some("see `cred-watch status` for the last result"),
+        );
+    }
+}
+
+/// What a unit is to a watch: it reads a copy (a consumer), or it runs the
+/// source's own CLI, the only one that may refresh (`[watch.refresh]`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Consumer,
+    Refresher,
+}
+
+/// A unit's environment as systemd builds it: name → (value, where it is
+/// set). Values are only compared, never printed.
+type UnitEnv = std::collections::BTreeMap<String, (String, String)>;
+
+/// The credentials a unit's CLI reads, and as whom.
+struct Consumer<'a> {
+    w: &'a WatchSettings,
+    unit: &'a str,
+    check: String,
+    /// "User=bot" or "root (no User=)".
+    who: String,
+    user: nix::unistd::User,
+    gid: nix::unistd::Gid,
+    path: PathBuf,
+    /// Which variable chose the path, and where it is set.
+    via: String,
+}
+
+/// The credentials file name the CLI reads in its directory.
+const CREDENTIALS_NAME: &str = ".credentials.json";
+/// Where the README's topology puts the consumers' copy.
+const SHARED_DIR: &str = "/var/lib/claude-credentials";
+
+/// The refresh unit: it must read the source itself.
+fn check_refresher(r: &mut Report, w: &WatchSettings, query: &mut dyn UnitQuery) -> bool {
+    let Some(unit) = w.refresh.as_ref().map(|x| &x.unit) else {
+        return true;
+    };
+    let check = format!("{} refresher {unit}", w.name);
+    match query.unit(unit) {
+        Err(e) => {
+            let fix = Some("run on the host with systemd, as root");
+            r.add(
+                check,
+                Level::Warn,
+                format!("cannot ask systemd: {e:#}"),
+                fix,
+            );
+            false
+        }
+        Ok(info) if info.load_state != "loaded" => {
+            r.add(
+                check,
+                Level::Fail,
+                format!("not known to systemd ({})", info.load_state),
+                Some("install the refresh unit (see /usr/share/doc/cred-watch/examples/), or fix [watch.refresh] unit"),
+            );
+            true
+        }
+        Ok(info) => {
+            if unit.ends_with(".service") {
+                check_consumer(r, w, unit, &info, Role::Refresher);
+            }
+            true
+        }
+    }
+}
+
+/// Resolves the credentials file the unit's CLI reads, as its user, and
+/// reports what that user can do with it; then its environment tokens.
+fn check_consumer(r: &mut Report, w: &WatchSettings, unit: &str, info: &UnitInfo, role: Role) {
+    let check = match role {
+        Role::Consumer => format!("{} consumer {unit}", w.name),
+        Role::Refresher => format!("{} refresher {unit}", w.name),
+    };
+    let env = unit_env(r, &check, info);
+    match unit_account(info) {
+        Err(why) => r.add(
+            check.clone(),
+            Level::Fail,
+            why,
+            Some(&format!(
+                "fix User=/Group= of {unit} (systemctl edit {unit})"
+            )),
+        ),
+        Ok((user, gid)) => {
+            let (path, via) = credentials_path(&env, &user.dir);
+            let c = Consumer {
+                w,
+                unit,
+                check: check.clone(),
+                who: match info.user.as_str() {
+                    "" => "root (no User=)".to_string(),
+                    name => format!("User={name}"),
+                },
+                user,
+                gid,
+                path,
+                via,
+            };
+            match role {
+                Role::Consumer => consumer_file(r, &c),
+                Role::Refresher => refresher_file(r, &c),
+            }
+        }
+    }
+    check_env_tokens(r, &check, &env);
+}
+
+/// `Environment=`, then each `EnvironmentFile=` in order (later assignments
+/// win), as systemd passes them to the unit's processes.
+fn unit_env(r: &mut Report, check: &str, info: &UnitInfo) -> UnitEnv {
+    let mut env = UnitEnv::new();
+    for entry in &info.environment {
+        if let Some((name, value)) = entry.split_once('=') {
+            env.insert(name.into(), (value.into(), "Environment=".into()));
+        }
+    }
+    for (path, ignore_errors) in &info.environment_files {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                for (name, value) in parse_env_file(&String::from_utf8_lossy(&bytes)) {
+                    env.insert(name, (value, format!("EnvironmentFile={path}")));
+                }
+            }
+            Err(_) if *ignore_errors => {}
+            Err(e) => r.add(
+                check,
+                Level::Fail,
+                format!("EnvironmentFile={path}: {e}: systemd will not start the unit"),
+                Some("create the file, or write EnvironmentFile=-PATH if it is optional"),
+            ),
+        }
+    }
+    env
+}
+
+/// The unit's user (root without `User=`) and primary group (`Group=`, else
+/// the user's own).
+fn unit_account(info: &UnitInfo) -> Result<(nix::unistd::User, nix::unistd::Gid), String> {
+    let name = if info.user.is_empty() {
+        "root"
+    } else {
+        &info.user
+    };
+    let user = system_user(name).ok_or_else(|| format!("User={name} is not a known user"))?;
+    let gid = match info.group.as_str() {
+        "" => user.gid,
+        group => Account::group(group)
+            .ok_or_else(|| format!("Group={group} is not a known group"))?
+            .id
+            .into(),
+    };
+    Ok((user, gid))
+}
+
+/// The CLI's choice: `CLAUDE_SECURESTORAGE_CONFIG_DIR` (non-empty), else
+/// `CLAUDE_CONFIG_DIR`, else `$HOME/.claude` (the passwd home when the unit
+/// sets no HOME), then `.credentials.json`. Returns the path and the reason.
+fn credentials_path(env: &UnitEnv, home: &Path) -> (PathBuf, String) {
+    let set = |name: &str| {
+        env.get(name)
+            .filter(|(value, _)| !value.is_empty())
+            .map(|(value, origin)| (PathBuf::from(value), format!("{name} from {origin}")))
+    };
+    let (dir, via) = set("CLAUDE_SECURESTORAGE_CONFIG_DIR")
+        .or_else(|| set("CLAUDE_CONFIG_DIR"))
+        .or_else(|| set("HOME").map(|(home, via)| (home.join(".claude"), via)))
+        .unwrap_or_else(|| (home.join(".claude"), "the user's home".into()));
+    (dir.join(CREDENTIALS_NAME), via)
+}
+
+/// "the source", "a copy", or `None` when the file is neither.
+fn file_kind(w: &WatchSettings, path: &Path) -> Option<&'static str> {
+    if path == w.source {
+        Some("the source")
+    } else if w.copies.iter().any(|c| c.dest == path) {
+        Some("a copy")
+    } else {
+        None
+    }
+}
+
+/// A consumer must read this watch's source or copy, and must not be able
+/// to create entries next to it (it would refresh and rotate the token).
+fn consumer_file(r: &mut Report, c: &Consumer) {
+    let kind = file_kind(c.w, &c.path);
+    let (dir, _) = crate::config::split_file(&c.path);
+    let mut fine = true;
+    if let Err(why) = can_read(&c.user, c.gid, &c.path) {
+        fine = false;
+        let mut msg = format!(
+            "{} cannot read {} ({}): {why}; its CLI says \"Not logged in\"",
+            c.who,
+            c.path.display(),
+            c.via
+        );
+        if kind.is_none() {
+            msg.push_str("; that file is neither this watch's source nor a copy");
+        }
+        let fix = if kind == Some("a copy") {
+            copy_group_fix(c)
+        } else {
+            topology_fix(c)
+        };
+        r.add(c.check.clone(), Level::Fail, msg, Some(&fix));
+    }
+    match probe_as(&c.user, c.gid, dir, Probe::CreateEntries) {
+        Ok(Err(_)) => {}
+        Ok(Ok(())) => {
+            fine = false;
+            let msg = format!(
+                "{} can create entries in {} (its CLI's mkdir .oauth_refresh.lock succeeds): it can refresh and rotate the single-use refresh token, and every other copy then dies",
+                c.who,
+                dir.display()
+            );
+            r.add(c.check.clone(), Level::Fail, msg, Some(&topology_fix(c)));
+        }
+        Err(why) => {
+            fine = false;
+            let msg = format!(
+                "cannot test whether {} can create entries in {}: {why}",
+                c.who,
+                dir.display()
+            );
+            r.add(c.check.clone(), Level::Warn, msg, None);
+        }
+    }
+    match kind {
+        None if fine => r.add(
+            c.check.clone(),
+            Level::Warn,
+            format!(
+                "{} reads {} ({}), which is neither this watch's source nor a copy: cred-watch does not keep it fresh",
+                c.who,
+                c.path.display(),
+                c.via
+            ),
+            Some(&topology_fix(c)),
+        ),
+        Some(kind) if fine => r.ok(
+            c.check.clone(),
+            format!(
+                "{} reads {kind} {} ({}) and cannot create entries in {}",
+                c.who,
+                c.path.display(),
+                c.via,
+                dir.display()
+            ),
+        ),
+        _ => {}
+    }
+}
+
+/// The refresh unit's CLI must read (and may refresh) the source itself.
+fn refresher_file(r: &mut Report, c: &Consumer) {
+    let source_dir = crate::config::split_file(&c.w.source)
+        .0
+        .display()
+        .to_string();
+    let owner = std::fs::metadata(&c.w.source)
+        .ok()
+        .and_then(|m| {
+            use std::os::unix::fs::MetadataExt;
+            nix::unistd::User::from_uid(m.uid().into()).ok()?
+        })
+        .map_or("the source's owner".to_string(), |u| u.name);
+    let fix = format!(
+        "run {} as User={owner} without CLAUDE_CONFIG_DIR or CLAUDE_SECURESTORAGE_CONFIG_DIR, or set CLAUDE_SECURESTORAGE_CONFIG_DIR={source_dir} on it",
+        c.unit
+    );
+    let path = c.path.display();
+    let (level, msg) = if c.path != c.w.source {
+        let msg = format!(
+            "the refresh unit's CLI does not read the source: {} reads {path} ({}), not {}",
+            c.who,
+            c.via,
+            c.w.source.display()
+        );
+        (Level::Fail, msg)
+    } else if let Err(why) = can_read(&c.user, c.gid, &c.path) {
+        let msg = format!("{} cannot read the source {path} ({}): {why}", c.who, c.via);
+        (Level::Fail, msg)
+    } else {
+        let msg = format!("{} reads the source {path} ({})", c.who, c.via);
+        return r.ok(c.check.clone(), msg);
+    };
+    r.add(c.check.clone(), level, msg, Some(&fix));
+}
+
+/// The directory of this watch's first copy that the CLI can find there.
+fn shared_dir(w: &WatchSettings) -> Option<PathBuf> {
+    w.copies
+        .iter()
+        .map(|c| crate::config::split_file(&c.dest))
+        .find(|(_, name)| *name == CREDENTIALS_NAME)
+        .map(|(dir, _)| dir.to_path_buf())
+}
+
+/// The group of this watch's copies, for the fixes.
+fn copy_group(w: &WatchSettings) -> String {
+    w.copies
+        .iter()
+        .find_map(|c| c.group.as_ref())
+        .map_or("GROUP".to_string(), |g| g.name.clone())
+}
+
+/// The supported topology, as a fix for one unit.
+fn topology_fix(c: &Consumer) -> String {
+    let (group, unit) = (copy_group(c.w), c.unit);
+    let (first, user) = if c.user.uid.is_root() {
+        (
+            format!("run {unit} as its own User= (root can create entries anywhere); "),
+            "that user".to_string(),
+        )
+    } else {
+        (String::new(), c.user.name.clone())
+    };
+    let set = |dir: &str| {
+        format!("set Environment=CLAUDE_SECURESTORAGE_CONFIG_DIR={dir} on {unit} (systemctl edit {unit})")
+    };
+    match shared_dir(c.w) {
+        Some(dir) => format!(
+            "{first}{} to read this watch's copy; keep {} root-owned 0755 and the copy 0640 root:{group}, with {user} in {group}",
+            set(&dir.display().to_string()),
+            dir.display()
+        ),
+        None => format!(
+            "{first}add a [[watch.copy]] dest = \"{SHARED_DIR}/{CREDENTIALS_NAME}\", mode = \"0640\", group = \"{group}\"; {}; keep {SHARED_DIR} root-owned 0755, with {user} in {group}",
+            set(SHARED_DIR)
+        ),
+    }
+}
+
+/// The fix for a copy its consumer cannot read.
+fn copy_group_fix(c: &Consumer) -> String {
+    let (dir, _) = crate::config::split_file(&c.path);
+    let group = copy_group(c.w);
+    format!(
+        "make the copy 0640 root:{group} (mode and group = in [[watch.copy]]), add {} to {group} (usermod -aG {group} {}), and keep {} root-owned 0755",
+        c.user.name,
+        c.user.name,
+        dir.display()
+    )
+}
+
+/// The kind of an OAuth access token (never printed: the harness of every
+/// test fails on its prefix).
+const OAUTH_ACCESS_PREFIX: &str = "sk-ant-oat";
+
+/// Tokens in the unit's environment: named, never shown.
+fn check_env_tokens(r: &mut Report, check: &str, env: &UnitEnv) {
+    if let Some((value, origin)) = env.get("ANTHROPIC_API_KEY") {
+        if value.trim_start().starts_with(OAUTH_ACCESS_PREFIX) {
+            r.add(
+                check,
+                Level::Fail,
+                format!("ANTHROPIC_API_KEY (from {origin}) holds an OAuth access token; OAuth tokens are not API keys, so the CLI says \"Invalid API key · Fix external API key\""),
+                Some(&format!("remove ANTHROPIC_API_KEY from {origin} (only a Console API key belongs there): the CLI then reads its credentials file")),
+            );
+        }
+    }
+    if let Some((_, origin)) = env
+        .get("CLAUDE_CODE_OAUTH_TOKEN")
+        .filter(|(value, _)| !value.is_empty())
+    {
+        r.add(
+            check,
+            Level::Info,
+            format!("CLAUDE_CODE_OAUTH_TOKEN is set (from {origin}): the unit authenticates with an environment token, not the file; nothing refreshes that token and cred-watch does not update it"),
+            None,
+        );
+    }
+}
+
+/// The states of systemd's environment-file parser (`parse_env_file`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EnvState {
+    PreKey,
+    Key,
+    PreValue,
+    Value,
+    ValueEscape,
+    Single,
+    Double,
+    DoubleEscape,
+    Comment,
+    CommentEscape,
+}
+
+#[derive(Default)]
+struct EnvParser {
+    out: Vec<(String, String)>,
+    key: String,
+    value: String,
+    /// Where the trailing blanks of an unquoted value start.
+    blanks: Option<usize>,
+}
+
+impl EnvParser {
+    fn push(&mut self, unquoted_end: bool) {
+        if let (true, Some(at)) = (unquoted_end, self.blanks) {
+            self.value.truncate(at);
+        }
+        let key = std::mem::take(&mut self.key).trim_end().to_string();
+        let value = std::mem::take(&mut self.value);
+        self.blanks = None;
+        if !key.is_empty() {
+            self.out.push((key, value));
+        }
+    }
+
+    fn unquoted(&mut self, c: char) {
+        if !blank(c) {
+            self.blanks = None;
+        } else if self.blanks.is_none() {
+            self.blanks = Some(self.value.len());
+        }
+        self.value.push(c);
+    }
+}
+
+fn blank(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+}
+
+/// The assignments of an `EnvironmentFile=`, in order, read as systemd
+/// does: `KEY=VALUE` lines, `#`/`;` comments, single and double quotes,
+/// backslash escapes and continuation lines, blanks around a value dropped.
+fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    use EnvState::*;
+    let newline = |c: char| c == '\n' || c == '\r';
+    let mut p = EnvParser::default();
+    let mut s = PreKey;
+    for c in text.chars() {
+        s = match s {
+            PreKey if c == '#' || c == ';' => Comment,
+            PreKey if blank(c) => PreKey,
+            Key if newline(c) => {
+                p.key.clear();
+                PreKey
+            }
+            Key if c == '=' => PreValue,
+            PreKey | Key => {
+                p.key.push(c);
+                Key
+            }
+            PreValue | Value if newline(c) => {
+                p.push(s == Value);
+                PreKey
+            }
+            PreValue if c == '\'' => Single,
+            PreValue if c == '"' => Double,
+            PreValue | Value if c == '\\' => {
+                p.blanks = None;
+                ValueEscape
+            }
+            PreValue if blank(c) => PreValue,
+            PreValue | Value => {
+                p.unquoted(c);
+                Value
+            }
+            ValueEscape => {
+                if !newline(c) {
+                    p.value.push(c);
+                }
+                Value
+            }
+            Single if c == '\'' => PreValue,
+            Double if c == '"' => PreValue,
+            Double if c == '\\' => DoubleEscape,
+            Single | Double => {
+                p.value.push(c);
+                s
+            }
+            DoubleEscape => {
+                if "\"\\`$".contains(c) {
+                    p.value.push(c);
+                } else if c != '\n' {
+                    p.value.extend(['\\', c]);
+                }
+                Double
+            }
+            Comment if c == '\\' => CommentEscape,
+            Comment if newline(c) => PreKey,
+            CommentEscape if newline(c) => PreKey,
+            Comment | CommentEscape => Comment,
+        };
+    }
+    if !matches!(s, PreKey | Key | Comment | CommentEscape) {
+        p.push(s == Value);
+    }
+    p.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_files_are_read_as_systemd_reads_them() {
+        let text = "# comment\n; another\n  A=1\nB = two words  \nC=\"quoted \\\"x\\\" \\$y \\n\"\nD='single # not a comment'\nE=a\\\n b\nF=\nNOVALUE\nA=last\n#G=1\\\nH=after\nI=end";
+        let got = parse_env_file(text);
+        let get = |k: &str| {
+            got.iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("A"), Some("last"));
+        assert_eq!(get("B"), Some("two words"));
+        assert_eq!(get("C"), Some("quoted \"x\" $y \\n"));
+        assert_eq!(get("D"), Some("single # not a comment"));
+        assert_eq!(get("E"), Some("a b"));
+        assert_eq!(get("F"), Some(""));
+        assert_eq!(get("NOVALUE"), None);
+        assert_eq!(get("G"), None);
+        assert_eq!(get("H"), Some("after"));
+        assert_eq!(get("I"), Some("end"));
+    }
+
+    #[test]
+    fn the_credentials_path_is_chosen_as_the_cli_does() {
+        let mut env = UnitEnv::new();
+        let home = Path::new("/home/bot");
+        let at = |env: &UnitEnv| credentials_path(env, home).0;
+        assert_eq!(at(&env), Path::new("/home/bot/.claude/.credentials.json"));
+        env.insert("HOME".into(), ("/srv/bot".into(), "Environment=".into()));
+        assert_eq!(at(&env), Path::new("/srv/bot/.claude/.credentials.json"));
+        env.insert(
+            "CLAUDE_CONFIG_DIR".into(),
+            ("/etc/c".into(), "Environment=".into()),
+        );
+        assert_eq!(at(&env), Path::new("/etc/c/.credentials.json"));
+        let secure = (
+            "CLAUDE_SECURESTORAGE_CONFIG_DIR".to_string(),
+            ("".into(), "x".into()),
+        );
+        env.insert(secure.0.clone(), secure.1);
+        assert_eq!(
+            at(&env),
+            Path::new("/etc/c/.credentials.json"),
+            "empty: unset"
+        );
+        env.insert(secure.0, ("/var/lib/c".into(), "EnvironmentFile=/e".into()));
+        let (path, via) = credentials_path(&env, home);
+        assert_eq!(path, Path::new("/var/lib/c/.credentials.json"));
+        assert_eq!(
+            via,
+            "CLAUDE_SECURESTORAGE_CONFIG_DIR from EnvironmentFile=/e"
         );
     }
 }

@@ -17,7 +17,10 @@ pub const RECORD_ENV: &str = "CRED_WATCH_TEST_RESTART_LOG";
 /// With the recorder: comma-separated units whose restarts fail.
 pub const RECORD_FAIL_ENV: &str = "CRED_WATCH_TEST_RESTART_FAIL";
 /// Environment variable naming a JSON file that answers [`UnitQuery`]:
-/// `{"units": {"x.service": {...UnitInfo}}, "path_units": {"old.path": ["/p"]}}`.
+/// `{"units": {"x.service": {...UnitInfo}}, "path_units": {"old.path": ["/p"]}}`,
+/// a unit as `{"load_state": "loaded", "active_state": "active", "user": "bot",
+/// "group": "claude", "environment": ["K=V"], "environment_files":
+/// [["/etc/x.env", true]], "pids": [7]}` (every key optional).
 pub const UNITS_FIXTURE_ENV: &str = "CRED_WATCH_TEST_UNITS";
 
 /// Records restarts instead of performing them.
@@ -148,12 +151,20 @@ mod tests {
         std::fs::write(
             &path,
             r#"{"units": {"a.service": {"load_state": "loaded", "active_state": "active",
-                "user": "bot", "pids": [7]}}, "path_units": {"old.path": ["/p"]}}"#,
+                "user": "bot", "group": "claude", "environment": ["A=1", "B=2"],
+                "environment_files": [["/etc/a.env", true], ["/etc/b.env", false]],
+                "pids": [7]}}, "path_units": {"old.path": ["/p"]}}"#,
         )
         .unwrap();
         let mut f = FixtureUnits { path };
         let a = f.unit("a.service").unwrap();
         assert_eq!((a.user.as_str(), a.pids.as_slice()), ("bot", &[7][..]));
+        assert_eq!(a.group, "claude");
+        assert_eq!(a.environment, ["A=1", "B=2"]);
+        assert_eq!(
+            a.environment_files,
+            [("/etc/a.env".into(), true), ("/etc/b.env".into(), false)]
+        );
         assert_eq!(f.unit("b.service").unwrap().load_state, "not-found");
         assert_eq!(
             f.enabled_path_units().unwrap(),

@@ -67,6 +67,10 @@ pub struct WatchRecord {
     /// to `state_dir` before the copy was restored.
     #[serde(skip_serializing_if = "is_zero")]
     pub rescued: u64,
+    /// Refusals by reason (counted once per distinct refusal, not per
+    /// re-read of the same file).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub refusals: BTreeMap<String, u64>,
     /// `[watch.refresh]`, once it has started its unit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh: Option<RefreshRecord>,
@@ -87,6 +91,7 @@ pub struct RefreshRecord {
     /// Failures in a row.
     pub failures: u32,
     pub refreshes: u64,
+    pub failed_total: u64,
 }
 
 impl WatchRecord {
@@ -134,6 +139,7 @@ pub struct UnitRecord {
     pub last_result: Option<String>,
     pub failures: u32,
     pub restarts: u64,
+    pub failed_total: u64,
 }
 
 impl UnitRecord {
@@ -162,6 +168,7 @@ impl UnitRecord {
     pub fn restart_failed(&mut self, now_ms: i64, why: String, failures: u32) {
         self.last_restart_ms = Some(now_ms);
         self.failures = failures;
+        self.failed_total = self.failed_total.saturating_add(1);
         self.last_result = Some(why);
         self.owe(now_ms);
     }

@@ -112,8 +112,29 @@ async fn restart_and_wait(
             crate::config::format_duration(timeout)
         ),
         Ok(None) => anyhow::bail!("lost the system D-Bus while waiting for the job of {unit}"),
-        Ok(Some(result)) if result == "done" => Ok(()),
+        // A started oneshot, or a try-restart of a stopped unit, is
+        // rightly not running afterwards.
+        Ok(Some(result))
+            if result == "done"
+                && matches!(action, RestartAction::Start | RestartAction::TryRestart) =>
+        {
+            Ok(())
+        }
+        Ok(Some(result)) if result == "done" => running_after_restart(&conn, unit).await,
         Ok(Some(result)) => anyhow::bail!("job for {unit} finished with result {result:?}"),
+    }
+}
+
+/// `done` only says the job ran (systemd #22369): a unit whose process
+/// exited at once is not running. Read `ActiveState` once.
+async fn running_after_restart(conn: &zbus::Connection, unit: &str) -> anyhow::Result<()> {
+    let manager = ManagerQueryProxy::new(conn).await?;
+    let path = manager.load_unit(unit).await?;
+    let proxy: UnitProxy = property_proxy(conn, &path).await?;
+    let state = proxy.active_state().await?;
+    match state.as_str() {
+        "active" | "activating" | "reloading" => Ok(()),
+        other => anyhow::bail!("job for {unit} finished, but the unit is {other}, not running"),
     }
 }
 
@@ -199,6 +220,12 @@ pub struct UnitInfo {
     pub active_state: String,
     /// The service's `User=` (empty for root).
     pub user: String,
+    /// The service's `Group=` (empty: the user's primary group).
+    pub group: String,
+    /// The service's `Environment=`: "KEY=VALUE" entries, in order.
+    pub environment: Vec<String>,
+    /// The service's `EnvironmentFile=`: (path, errors ignored, i.e. "-").
+    pub environment_files: Vec<(String, bool)>,
     /// Processes in the unit's cgroup.
     pub pids: Vec<u32>,
 }
@@ -239,6 +266,12 @@ trait Unit {
 trait ServiceUnit {
     #[zbus(property)]
     fn user(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn group(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn environment(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
+    fn environment_files(&self) -> zbus::Result<Vec<(String, bool)>>;
 }
 
 #[zbus::proxy(
@@ -296,12 +329,15 @@ impl UnitQuery for SystemdQuery {
             let unit: UnitProxy = property_proxy(&conn, &path).await?;
             let load_state = unit.load_state().await?;
             let active_state = unit.active_state().await?;
-            let user = if name.ends_with(".service") && load_state == "loaded" {
+            let mut info = UnitInfo::default();
+            if name.ends_with(".service") && load_state == "loaded" {
                 let svc: ServiceUnitProxy = property_proxy(&conn, &path).await?;
-                svc.user().await.unwrap_or_default()
-            } else {
-                String::new()
-            };
+                info.user = svc.user().await.unwrap_or_default();
+                info.group = svc.group().await.unwrap_or_default();
+                // The credentials path depends on these: no guessing.
+                info.environment = svc.environment().await?;
+                info.environment_files = svc.environment_files().await?;
+            }
             let pids = if active_state == "inactive" {
                 Vec::new()
             } else {
@@ -314,8 +350,8 @@ impl UnitQuery for SystemdQuery {
             Ok(UnitInfo {
                 load_state,
                 active_state,
-                user,
                 pids,
+                ..info
             })
         })
     }

@@ -55,6 +55,8 @@ pub enum Effect {
     Reread,
     /// Start the `[watch.refresh]` unit (the source's CLI refreshes).
     StartRefresh(String),
+    /// The watch entered a problem state: start `[agent] alert_unit`.
+    Alert(&'static str),
 }
 
 /// Where `[watch.refresh]` stands for the token last applied.
@@ -86,6 +88,9 @@ pub struct Tracker {
     expires_at: Option<i64>,
     /// Quiet period before restarts, for the log line only.
     settle: Duration,
+    /// An alert was raised for the current problem (`[agent] alert_unit`):
+    /// not again until the watch has been healthy.
+    alerted: bool,
     refresh: Refresh,
 }
 
@@ -125,22 +130,39 @@ impl Tracker {
                 "{}: {src} {why}; its writer's next event brings it back",
                 w.name
             ))],
-            Ok(Reconciled::Unsafe(msg)) => self.refuse(w, rec, msg),
+            Ok(r @ Reconciled::Unsafe(_)) => {
+                let msg = r.refusal(&w.source).unwrap_or_default();
+                self.refuse(w, rec, msg, "unsafe")
+            }
             Ok(Reconciled::Invalid(r)) if r.maybe_partial() && !complete => vec![debug(format!(
                 "{}: {src} not complete yet ({r}); waiting for the write to finish",
                 w.name
             ))],
-            Ok(Reconciled::Invalid(r)) => {
-                let msg = format!("{src}: refused: {r}; keeping the last good state");
-                self.refuse(w, rec, msg)
+            Ok(r @ Reconciled::Invalid(_)) => {
+                let kind = match &r {
+                    Reconciled::Invalid(refusal) => refusal.kind(),
+                    _ => "invalid",
+                };
+                let msg = r.refusal(&w.source).unwrap_or_default();
+                self.refuse(w, rec, msg, kind)
             }
             Ok(Reconciled::Applied(v)) => self.applied(w, rec, v, now),
         }
     }
 
-    fn refuse(&mut self, w: &WatchSettings, rec: &mut WatchRecord, msg: String) -> Vec<Effect> {
+    fn refuse(
+        &mut self,
+        w: &WatchSettings,
+        rec: &mut WatchRecord,
+        msg: String,
+        kind: &str,
+    ) -> Vec<Effect> {
         self.absent_since = None;
-        let fx = if self.last_refusal.as_deref() != Some(msg.as_str()) {
+        let mut alert = None;
+        let mut fx = if self.last_refusal.as_deref() != Some(msg.as_str()) {
+            let count = rec.refusals.entry(kind.to_string()).or_default();
+            *count = count.saturating_add(1);
+            alert = self.alert("the source was refused");
             vec![
                 Effect::Log(Level::Warn, format!("{}: {msg}", w.name)),
                 Effect::Status(format!("{}: refused a source file", w.name)),
@@ -150,6 +172,7 @@ impl Tracker {
         };
         self.last_refusal = Some(msg.clone());
         rec.last_refusal = Some(msg);
+        fx.extend(alert);
         fx
     }
 
@@ -220,6 +243,7 @@ impl Tracker {
         }
         self.failures = 0;
         self.retry_at = None;
+        self.alerted = false;
         rec.last_error = None;
         rec.last_refusal = None;
         fx.extend(self.record(w, rec, &v, now));
@@ -292,6 +316,18 @@ impl Tracker {
         fx
     }
 
+    /// The alert for a problem, unless one was raised since the watch was
+    /// last healthy.
+    fn alert(&mut self, why: &'static str) -> Option<Effect> {
+        (!std::mem::replace(&mut self.alerted, true)).then_some(Effect::Alert(why))
+    }
+
+    /// A restart of one of this watch's units failed again after its
+    /// first retry.
+    pub fn on_restart_failed(&mut self) -> Vec<Effect> {
+        self.alert("a restart failed").into_iter().collect()
+    }
+
     /// Time passed: the deletion grace, the expiry warning and error, and
     /// a due retry.
     pub fn on_tick(&mut self, w: &WatchSettings, rec: &mut WatchRecord, now: Now) -> Vec<Effect> {
@@ -305,9 +341,17 @@ impl Tracker {
                     w.source.display(),
                     format_duration(w.deletion_grace)
                 )));
+                fx.extend(self.alert("the source is absent"));
             }
         }
-        fx.extend(self.expiry(w, now));
+        if let Some(e) = self.expiry(w, now) {
+            let why = match &e {
+                Effect::Log(Level::Error, _) => "the token expired",
+                _ => "the token expires soon",
+            };
+            fx.push(e);
+            fx.extend(self.alert(why));
+        }
         fx.extend(self.refresh_tick(w, rec, now));
         if self.retry_at.is_some_and(|at| now.at >= at) {
             self.retry_at = None;
@@ -481,6 +525,7 @@ impl Tracker {
         self.refresh.retry_at = Some(clock::later(now.at, delay));
         let refresh = rec.refresh.get_or_insert_with(Default::default);
         refresh.failures = self.refresh.failures;
+        refresh.failed_total = refresh.failed_total.saturating_add(1);
         refresh.last_error = Some(why.clone());
         vec![
             Effect::Log(
@@ -493,6 +538,9 @@ impl Tracker {
             ),
             Effect::Status(format!("{}: refresh failed", w.name)),
         ]
+        .into_iter()
+        .chain(self.alert("the refresh failed"))
+        .collect()
     }
 
     /// A newer credential arrived: if a refresh was under way, it worked.

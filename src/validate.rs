@@ -93,6 +93,28 @@ pub enum Refusal {
     Rollback { new: i64, last: i64 },
 }
 
+impl Refusal {
+    /// A short label for metrics (`cred_watch_refusals_total{reason}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::InvalidJson(_) => "invalid_json",
+            Refusal::NotObject => "not_object",
+            Refusal::DuplicateKey { .. } => "duplicate_key",
+            Refusal::Missing(_) => "missing_key",
+            Refusal::Empty(_) => "empty_token",
+            Refusal::WrongType(..) => "wrong_type",
+            Refusal::BadPrefix(..) => "bad_prefix",
+            Refusal::TokenTooLong { .. } => "token_too_long",
+            Refusal::TokenCharacter { .. } => "token_character",
+            Refusal::MissingScope => "missing_scope",
+            Refusal::NotADate(_) => "not_a_date",
+            Refusal::Expired(_) => "expired",
+            Refusal::TooFarAhead { .. } => "too_far_ahead",
+            Refusal::Rollback { .. } => "rollback",
+        }
+    }
+}
+
 fn prefix_kind(prefix: &str) -> &'static str {
     if prefix == REFRESH_PREFIX {
         "refresh-token"

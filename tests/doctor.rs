@@ -3,6 +3,7 @@
 //! nspawn suite runs the same checks against real systemd.
 mod common;
 use common::*;
+use serde_json::{json, Value};
 use std::fs;
 use std::process::Command;
 use std::time::Duration;
@@ -317,7 +318,13 @@ fn stale_handle_of_a_real_process() {
 #[test]
 fn old_path_unit_and_agent_checks() {
     let env = Env::new();
-    let d = Doctor::new(&env, CONFIG);
+    // As root, healthy includes a consumer reading the copy as its own user.
+    let config = if is_root() {
+        consumer_config()
+    } else {
+        CONFIG.to_string()
+    };
+    let d = Doctor::new(&env, &config);
     let src_path = src(&env);
     fs::create_dir_all(src_path.parent().unwrap()).unwrap();
     write_atomic(&src_path, &creds(1));
@@ -337,14 +344,400 @@ fn old_path_unit_and_agent_checks() {
         "{out}"
     );
     d.units(r#"{"units": {"bridge.service": {"load_state": "loaded", "active_state": "active"}}}"#);
+    if is_root() {
+        set_mode(&env.root, 0o711);
+        bridge(&d, reads_shared(&env));
+    }
     let agent = Agent::start(&env, &d.config);
     let (code, out) = d.run(&[]);
+    if is_root() {
+        d.line(&out, "ok", "claude consumer bridge.service");
+        assert_eq!(code, 0, "healthy:\n{out}");
+    } else {
+        eprintln!("old_path_unit_and_agent_checks: healthy consumer skipped (needs root)");
+    }
     d.line(&out, "ok", "path units");
     assert!(
         d.line(&out, "ok", "agent")
             .contains(&format!("running (pid {})", agent.pid())),
         "{out}"
     );
-    assert_eq!(code, 0, "healthy:\n{out}");
     agent.stop();
+}
+
+// ---- consumers: what each restart unit's CLI reads, as its user ----
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// CONFIG whose copy the group `nogroup` (nobody's primary group) reads.
+fn consumer_config() -> String {
+    CONFIG.replace(
+        "mode = \"0640\"\n",
+        "mode = \"0640\"\ngroup = \"nogroup\"\n",
+    )
+}
+
+/// A valid source, synced to its copy, in a temp root other users can
+/// traverse.
+fn consumer_setup<'e>(env: &'e Env, config: &str) -> Doctor<'e> {
+    let d = Doctor::new(env, config);
+    fs::create_dir_all(src(env).parent().unwrap()).unwrap();
+    write_atomic(&src(env), &creds(1));
+    set_mode(&env.root, 0o711);
+    d.sync();
+    d
+}
+
+/// The units fixture: a loaded, active bridge.service with `fields`.
+fn bridge(d: &Doctor, fields: Value) {
+    bridge_and(d, fields, json!({}));
+}
+
+/// Like [`bridge`], plus more units.
+fn bridge_and(d: &Doctor, fields: Value, more: Value) {
+    let mut unit = json!({"load_state": "loaded", "active_state": "active"});
+    unit.as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    let mut units = json!({ "bridge.service": unit });
+    units
+        .as_object_mut()
+        .unwrap()
+        .extend(more.as_object().unwrap().clone());
+    d.units(&json!({ "units": units }).to_string());
+}
+
+/// The supported topology: User=nobody, the copy's directory as
+/// CLAUDE_SECURESTORAGE_CONFIG_DIR (CLAUDE_CONFIG_DIR stays elsewhere).
+fn reads_shared(env: &Env) -> Value {
+    json!({"user": "nobody", "environment": [
+        format!("CLAUDE_SECURESTORAGE_CONFIG_DIR={}", env.path("shared").display()),
+        "CLAUDE_CONFIG_DIR=/nonexistent/.claude",
+    ]})
+}
+
+/// The JSON finding for `check` with `status`.
+fn json_finding(out: &str, check: &str, status: &str) -> Value {
+    let v: Value = serde_json::from_str(out).unwrap();
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == check && c["status"] == status)
+        .unwrap_or_else(|| panic!("no {status} {check} in {out}"))
+        .clone()
+}
+
+const CONSUMER: &str = "claude consumer bridge.service";
+
+macro_rules! needs_root {
+    ($name:literal) => {
+        if !is_root() {
+            eprintln!(concat!($name, ": skipped (needs root to switch users)"));
+            return;
+        }
+    };
+}
+
+#[test]
+fn consumer_reading_the_copy_in_a_root_owned_dir_is_ok() {
+    needs_root!("consumer_reading_the_copy_in_a_root_owned_dir_is_ok");
+    let env = Env::new();
+    let d = consumer_setup(&env, &consumer_config());
+    bridge(&d, reads_shared(&env));
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "ok", CONSUMER);
+    let copy = env.path("shared/.credentials.json");
+    assert!(
+        line.contains(&format!("User=nobody reads a copy {}", copy.display()))
+            && line.contains("(CLAUDE_SECURESTORAGE_CONFIG_DIR from Environment=)")
+            && line.contains("cannot create entries"),
+        "{line}"
+    );
+    assert!(!out.contains(&format!("fail {CONSUMER}")), "{out}");
+    let (_, out) = d.run(&["--json"]);
+    let finding = json_finding(&out, CONSUMER, "ok");
+    assert!(finding["message"]
+        .as_str()
+        .unwrap()
+        .contains("reads a copy"));
+}
+
+#[test]
+fn consumer_that_can_create_entries_in_its_credentials_dir_fails() {
+    needs_root!("consumer_that_can_create_entries_in_its_credentials_dir_fails");
+    let env = Env::new();
+    let d = consumer_setup(&env, &consumer_config());
+    let shared = env.path("shared");
+    bridge(&d, reads_shared(&env));
+    // Writable through a group the user is in: its groups count.
+    std::os::unix::fs::chown(&shared, Some(0), Some(65534)).unwrap();
+    set_mode(&shared, 0o775);
+    let before: Vec<_> = fs::read_dir(&shared)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let (code, out) = d.run(&[]);
+    assert_eq!(code, 1, "{out}");
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains(&format!(
+            "User=nobody can create entries in {}",
+            shared.display()
+        )) && line.contains("refresh and rotate the single-use refresh token"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!(
+            "fix: set Environment=CLAUDE_SECURESTORAGE_CONFIG_DIR={} on bridge.service",
+            shared.display()
+        )) && line
+            .contains("root-owned 0755 and the copy 0640 root:nogroup, with nobody in nogroup"),
+        "{line}"
+    );
+    let after: Vec<_> = fs::read_dir(&shared)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(before, after, "the test creates nothing");
+    set_mode(&shared, 0o755);
+    let (_, out) = d.run(&[]);
+    d.line(&out, "ok", CONSUMER);
+    // Root (no User=) can create entries anywhere.
+    let mut root = reads_shared(&env);
+    root.as_object_mut().unwrap().remove("user");
+    bridge(&d, root);
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains("root (no User=) can create entries")
+            && line.contains("fix: run bridge.service as its own User="),
+        "{line}"
+    );
+}
+
+#[test]
+fn consumer_that_cannot_read_its_file_fails() {
+    needs_root!("consumer_that_cannot_read_its_file_fails");
+    let env = Env::new();
+    // No group on the copy: 0640 root:root.
+    let d = consumer_setup(&env, CONFIG);
+    bridge(&d, reads_shared(&env));
+    let (code, out) = d.run(&[]);
+    assert_eq!(code, 1, "{out}");
+    let line = d.line(&out, "fail", CONSUMER);
+    let copy = env.path("shared/.credentials.json");
+    assert!(
+        line.contains(&format!("User=nobody cannot read {}", copy.display()))
+            && line.contains("EACCES")
+            && line.contains("Not logged in"),
+        "{line}"
+    );
+    assert!(line.contains("usermod -aG"), "{line}");
+    // The unit's Group= counts.
+    bridge(&d, {
+        let mut v = reads_shared(&env);
+        v["group"] = json!("root");
+        v
+    });
+    let (_, out) = d.run(&[]);
+    d.line(&out, "ok", CONSUMER);
+}
+
+#[test]
+fn consumer_reading_another_file_is_warned() {
+    needs_root!("consumer_reading_another_file_is_warned");
+    let env = Env::new();
+    let d = consumer_setup(&env, &consumer_config());
+    let other = env.path("other/.credentials.json");
+    fs::create_dir_all(other.parent().unwrap()).unwrap();
+    fs::write(&other, creds(1)).unwrap();
+    set_mode(&other, 0o644);
+    bridge(
+        &d,
+        json!({"user": "nobody", "environment": [
+            format!("CLAUDE_CONFIG_DIR={}", other.parent().unwrap().display())]}),
+    );
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "warn", CONSUMER);
+    assert!(
+        line.contains(&format!("reads {}", other.display()))
+            && line.contains("(CLAUDE_CONFIG_DIR from Environment=)")
+            && line.contains("neither this watch's source nor a copy"),
+        "{line}"
+    );
+    assert!(line.contains("CLAUDE_SECURESTORAGE_CONFIG_DIR="), "{line}");
+}
+
+#[test]
+fn oauth_token_in_anthropic_api_key_fails_and_is_never_printed() {
+    let env = Env::new();
+    // Without root: only the environment matters here.
+    let d = consumer_setup(&env, CONFIG);
+    let value = "sk-ant-oat01-NEVERPRINTED-abcdef0123456789";
+    let mut fields = reads_shared(&env);
+    fields["environment"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!(format!("ANTHROPIC_API_KEY={value}")));
+    bridge(&d, fields);
+    // `run` also fails on any `sk-ant-` in stdout or stderr.
+    let (code, out) = d.run(&[]);
+    assert_eq!(code, 1, "{out}");
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains("ANTHROPIC_API_KEY (from Environment=) holds an OAuth access token")
+            && line.contains("Invalid API key · Fix external API key"),
+        "{line}"
+    );
+    let (_, json_out) = d.run(&["--json"]);
+    for text in [&out, &json_out] {
+        assert!(!text.contains("NEVERPRINTED"), "{text}");
+    }
+    // The same from an EnvironmentFile, named in the fix.
+    let file = env.path("etc/bridge.env");
+    fs::write(&file, format!("ANTHROPIC_API_KEY='{value}'\n")).unwrap();
+    let mut fields = reads_shared(&env);
+    fields["environment_files"] = json!([[file, false]]);
+    bridge(&d, fields);
+    let (_, out) = d.run(&[]);
+    let origin = format!("EnvironmentFile={}", file.display());
+    assert!(
+        d.line(&out, "fail", CONSUMER)
+            .contains(&format!("fix: remove ANTHROPIC_API_KEY from {origin}")),
+        "{out}"
+    );
+    // A real API key is not a finding.
+    let mut fields = reads_shared(&env);
+    fields["environment"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("ANTHROPIC_API_KEY=sk-ant-api03-NEVERPRINTED"));
+    bridge(&d, fields);
+    let (_, out) = d.run(&[]);
+    assert!(!out.contains("ANTHROPIC_API_KEY"), "{out}");
+}
+
+#[test]
+fn claude_code_oauth_token_in_the_environment_is_information() {
+    let env = Env::new();
+    // Without root: only the environment matters here.
+    let d = consumer_setup(&env, CONFIG);
+    let mut fields = reads_shared(&env);
+    fields["environment"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("CLAUDE_CODE_OAUTH_TOKEN=sk-ant-oat01-NEVERPRINTED"));
+    bridge(&d, fields);
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "info", CONSUMER);
+    assert!(
+        line.contains("CLAUDE_CODE_OAUTH_TOKEN is set (from Environment=)")
+            && line.contains("environment token, not the file"),
+        "{line}"
+    );
+    let (_, out) = d.run(&["--json"]);
+    json_finding(&out, CONSUMER, "info");
+    assert!(!out.contains("NEVERPRINTED"), "{out}");
+}
+
+#[test]
+fn environment_files_set_the_credentials_dir() {
+    needs_root!("environment_files_set_the_credentials_dir");
+    let env = Env::new();
+    let d = consumer_setup(&env, &consumer_config());
+    let file = env.path("etc/bridge.env");
+    fs::write(
+        &file,
+        format!(
+            "# where the CLI finds the copy\n; systemd comment\n  CLAUDE_SECURESTORAGE_CONFIG_DIR=\"{}\"  \nOTHER=x\n",
+            env.path("shared").display()
+        ),
+    )
+    .unwrap();
+    let missing = env.path("etc/missing.env");
+    // Environment= first, then the files: the file's assignment wins; a
+    // missing file marked "-" is skipped.
+    bridge(
+        &d,
+        json!({"user": "nobody",
+            "environment": ["CLAUDE_SECURESTORAGE_CONFIG_DIR=/nonexistent"],
+            "environment_files": [[file, false], [missing, true]]}),
+    );
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "ok", CONSUMER);
+    assert!(
+        line.contains(&format!(
+            "(CLAUDE_SECURESTORAGE_CONFIG_DIR from EnvironmentFile={})",
+            file.display()
+        )),
+        "{line}"
+    );
+    // Without "-", a missing file keeps the unit from starting.
+    bridge(
+        &d,
+        json!({"user": "nobody", "environment_files": [[file, false], [missing, false]]}),
+    );
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains(&format!("EnvironmentFile={}", missing.display()))
+            && line.contains("systemd will not start the unit"),
+        "{line}"
+    );
+}
+
+#[test]
+fn refresh_unit_must_read_the_source() {
+    needs_root!("refresh_unit_must_read_the_source");
+    let env = Env::new();
+    let config = format!(
+        "{}\n[watch.refresh]\nunit = \"claude-refresh.service\"\nahead = \"4m\"\ntimeout = \"2m\"\n",
+        consumer_config()
+    );
+    let d = consumer_setup(&env, &config);
+    let check = "claude refresher claude-refresh.service";
+    let refresher = |fields: Value| {
+        let mut unit = json!({"load_state": "loaded", "active_state": "inactive"});
+        unit.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        bridge_and(
+            &d,
+            reads_shared(&env),
+            json!({ "claude-refresh.service": unit }),
+        );
+    };
+    // Root's own home: not the source.
+    refresher(json!({}));
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "fail", check);
+    assert!(
+        line.contains("the refresh unit's CLI does not read the source")
+            && line.contains("/root/.claude/.credentials.json (the user's home)"),
+        "{line}"
+    );
+    // Pointed at the source: ok, and it may create entries there (it refreshes).
+    let dir = src(&env).parent().unwrap().display().to_string();
+    refresher(json!({"environment": [format!("CLAUDE_SECURESTORAGE_CONFIG_DIR={dir}")]}));
+    let (_, out) = d.run(&[]);
+    assert!(
+        d.line(&out, "ok", check)
+            .contains(&format!("reads the source {}", src(&env).display())),
+        "{out}"
+    );
+    assert!(!out.contains(&format!("fail {check}")), "{out}");
+    d.line(&out, "ok", CONSUMER);
+    // Not installed.
+    bridge(&d, reads_shared(&env));
+    let (_, out) = d.run(&[]);
+    assert!(
+        d.line(&out, "fail", check)
+            .contains("not known to systemd (not-found)"),
+        "{out}"
+    );
 }

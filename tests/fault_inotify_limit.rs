@@ -1,42 +1,80 @@
 //! fs.inotify.max_user_watches exhausted: the agent must not run blind. It
 //! exits non-zero (so systemd restarts it) with an error naming the limit.
-//! Alone in its own test binary: the limit is per user, machine-wide.
+//!
+//! The limit is lowered for the agent alone, never for the host: inotify
+//! watches are counted per user *namespace* (since Linux 4.9,
+//! `/proc/sys/user/max_inotify_watches`, and a watch is charged to its
+//! namespace and every ancestor). The agent is started in a new user
+//! namespace (`unshare(CLONE_NEWUSER)` in a `pre_exec` hook, root mapped to
+//! root so it keeps acting on the same files), whose own root lowers that
+//! namespace's `max_inotify_watches` to 0 before `exec`. The host's
+//! `fs.inotify.max_user_watches` and every other inotify user are untouched,
+//! so this test can run next to the others.
 mod common;
 use common::*;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 use std::time::Duration;
 
-const KNOB: &str = "/proc/sys/fs/inotify/max_user_watches";
-
-struct Restore(String);
-impl Drop for Restore {
-    fn drop(&mut self) {
-        let _ = std::fs::write(KNOB, self.0.trim());
+/// In the child between fork and exec: only raw system calls, no
+/// allocation (the test binary is multi-threaded).
+fn write_proc(path: &std::ffi::CStr, value: &[u8]) -> io::Result<()> {
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    let n = unsafe { libc::write(fd, value.as_ptr().cast(), value.len()) };
+    let err = io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if n != value.len() as isize {
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// A new user namespace for the child, root mapped to root, in which no
+/// inotify watch can be added.
+fn no_watches_in_a_new_userns() -> io::Result<()> {
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    write_proc(c"/proc/self/setgroups", b"deny")?;
+    write_proc(c"/proc/self/uid_map", b"0 0 1")?;
+    write_proc(c"/proc/self/gid_map", b"0 0 1")?;
+    write_proc(c"/proc/sys/user/max_inotify_watches", b"0")
 }
 
 #[test]
 fn watch_limit_is_a_clear_fatal_error() {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to lower {KNOB}");
+        eprintln!("skipped: root mapped to root in a user namespace needs root");
         return;
     }
+    let host_limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches").unwrap();
     let env = Env::new();
     let src = env.path("home/.claude/.credentials.json");
     std::fs::create_dir_all(src.parent().unwrap()).unwrap();
     write_atomic(&src, &creds(1));
     let config = env.config(&standard_config("[watch.permissions]\n"));
-    let _restore = Restore(std::fs::read_to_string(KNOB).unwrap());
-    std::fs::write(KNOB, "1").unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config", config.to_str().unwrap()])
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config", config.to_str().unwrap()])
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET");
+    unsafe { cmd.pre_exec(no_watches_in_a_new_userns) };
+    let out = cmd
         .output()
-        .unwrap();
-    drop(_restore);
+        .expect("cred-watch in a user namespace with max_inotify_watches = 0");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("fs.inotify.max_user_watches"), "{stderr}");
     assert_no_secret(&stderr, "stderr");
-    // With the limit back, the same configuration runs.
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches").unwrap(),
+        host_limit,
+        "the host's limit is never changed"
+    );
+    // Outside that namespace the same configuration runs.
     let agent = Agent::start(&env, &config);
     assert!(wait_until(Duration::from_secs(5), || mode(&src) == 0o644));
     agent.stop();

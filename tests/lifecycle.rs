@@ -5,10 +5,13 @@ use common::*;
 use std::fs;
 use std::time::Duration;
 
+/// `deletion_grace` in `standard_config`.
+const GRACE_MS: i64 = 1_000;
+
 const COPY: &str = "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n";
 
 fn copied(env: &Env, content: &str) -> bool {
-    read_json(&env.path("shared/.credentials.json")) == Some(serde_json::from_str(content).unwrap())
+    read_json(&env.path("shared/.credentials.json")) == Some(common::copied(content))
 }
 
 #[test]
@@ -19,9 +22,9 @@ fn claude_dir_removed_and_recreated() {
     write_atomic(&src, &creds(1));
     let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
     assert!(copied(&env, &creds_at(&src)));
-    for round in 2..5 {
+    for round in 2..5u64 {
         fs::remove_dir_all(env.path("home/.claude")).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        absent_seen(&agent, round as usize - 1);
         fs::create_dir_all(src.parent().unwrap()).unwrap();
         let c = creds(round);
         write_atomic(&src, &c);
@@ -33,7 +36,7 @@ fn claude_dir_removed_and_recreated() {
     }
     // The whole tree, ancestors included.
     fs::remove_dir_all(env.path("home")).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    absent_seen(&agent, 4);
     fs::create_dir_all(src.parent().unwrap()).unwrap();
     let c = creds(9);
     write_in_place(&src, &c);
@@ -44,6 +47,16 @@ fn claude_dir_removed_and_recreated() {
     );
     let (status, _) = agent.stop();
     assert!(status.success());
+}
+
+/// Waits until the agent has logged the source absent `n` times: it has
+/// seen the deletion before the test re-creates the file.
+fn absent_seen(agent: &Agent, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.count("is absent") >= n),
+        "deletion {n} not seen:\n{}",
+        agent.stderr()
+    );
 }
 
 fn creds_at(p: &std::path::Path) -> String {
@@ -77,15 +90,24 @@ fn deletion_grace_warns_exactly_once() {
     let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
     // /login: delete, round trip, new file, all within the 1s grace.
     fs::remove_file(&src).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    absent_seen(&agent, 1);
+    // The grace timer, had it stayed armed, would be due 1 s after the
+    // agent saw the deletion (before now): at `due` at the latest.
+    let due = now_ms() + GRACE_MS;
     let c = creds(2);
     write_atomic(&src, &c);
     assert!(wait_until(Duration::from_secs(5), || copied(&env, &c)));
-    std::thread::sleep(Duration::from_millis(1500));
+    round_trip_after(&env, &agent, due);
     assert_eq!(agent.count("looks like a logout"), 0, "{}", agent.stderr());
     // A logout: gone for good. One warning, and the copy stays.
     fs::remove_file(&src).unwrap();
-    std::thread::sleep(Duration::from_millis(3000));
+    assert!(
+        agent.wait_log("looks like a logout", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    // The loop has run again since: no second warning.
+    round_trip(&env, &agent);
     assert_eq!(agent.count("looks like a logout"), 1, "{}", agent.stderr());
     assert!(copied(&env, &c), "nothing downstream is removed");
     agent.stop();
@@ -109,7 +131,8 @@ fn expiry_warns_once_then_errors_once() {
         "{}",
         agent.stderr()
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // The loop has run again since both: neither is repeated.
+    round_trip(&env, &agent);
     assert_eq!(agent.count("is anything refreshing it?"), 1);
     assert_eq!(agent.count("nothing is refreshing it"), 1);
     agent.stop();
@@ -152,8 +175,10 @@ fn tampered_copy_is_restored_on_sigusr1_and_resync() {
     );
     let agent = Agent::start(&env, &env.config(&config));
     assert!(copied(&env, &c));
-    // A consumer refreshes into the shared copy: detected and undone.
-    fs::write(&dest, creds(99)).unwrap();
+    // A consumer writes into the shared copy: detected and undone. (An
+    // older token than the source's; a newer one is also saved first, see
+    // tests/refresh.rs.)
+    fs::write(&dest, creds_exp(99, now_ms() + 60_000)).unwrap();
     agent.signal(libc::SIGUSR1);
     assert!(
         wait_until(Duration::from_secs(3), || copied(&env, &c)),

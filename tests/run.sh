@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -eq 0 ] && command -v systemd-nspawn >/dev/null && command -v cargo-deb >/dev/null; then
-    cargo deb
+    bash packaging/deb/build.sh # cargo deb, after generating the completions it packages
     if command -v lintian >/dev/null; then
         # lintian warns when run as root; its verdict is the exit status.
         lintian --fail-on error,warning target/debian/cred-watch_*.deb 2> >(grep -v 'root privileges' >&2)

@@ -7,6 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -121,24 +128,42 @@ impl Container {
             .unwrap()
     }
 
-    /// The bridge's start count once it has stopped moving for `quiet`
-    /// (a restart owed after a burst can come a cooldown later), giving up
-    /// after 30 s so a restart loop still fails the caller's bound.
-    pub fn bridge_starts_settled(&self, quiet: Duration) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut last = self.bridge_starts();
-        let mut since = Instant::now();
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(250));
-            let now = self.bridge_starts();
-            if now != last {
-                last = now;
-                since = Instant::now();
-            } else if since.elapsed() >= quiet {
-                break;
-            }
-        }
-        last
+    /// Proof that the agent (the `cred-watch` service) has handled every
+    /// change made so far and owes no restart: SIGUSR1 makes it reconcile
+    /// every watch and record the time in its state; once the state shows a
+    /// reconcile after the signal and bridge.service not pending, every
+    /// restart of it owed has been done (other units, such as one that does
+    /// not exist and is retried forever, are not waited for). Then the bridge's current start is on record (it
+    /// appends to /run/bridge.starts before it execs `sleep`). Counting
+    /// restarts after this needs no "wait and hope" delay.
+    pub fn settled(&self) {
+        let pid = self.show("cred-watch", "MainPID");
+        let asked = now_ms();
+        self.ok(&format!("kill -USR1 {pid}"));
+        let state = self.host_path("/var/lib/cred-watch/state.json");
+        let mut last = String::new();
+        let done = wait_until(Duration::from_secs(60), || {
+            last = std::fs::read_to_string(&state).unwrap_or_default();
+            serde_json::from_str::<serde_json::Value>(&last).is_ok_and(|s| {
+                s["agent"]["last_reconcile_ms"]
+                    .as_i64()
+                    .is_some_and(|t| t >= asked)
+                    && s["units"]["bridge.service"]["pending"] != true
+            })
+        });
+        assert!(
+            done,
+            "no reconcile after SIGUSR1, or a restart still owed:\n{last}\n{}",
+            self.journal()
+        );
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let main = self.show("bridge", "MainPID");
+                self.sh(&format!("cat /proc/{main}/comm")).1.trim() == "sleep"
+            }),
+            "the bridge is not running:\n{}",
+            self.ok("systemctl status bridge --no-pager || true")
+        );
     }
 
     pub fn show(&self, unit: &str, prop: &str) -> String {
