@@ -926,27 +926,7 @@ fn consumer_file(r: &mut Report, c: &Consumer) {
         };
         r.add(c.check.clone(), Level::Fail, msg, Some(&fix));
     }
-    match probe_as(&c.user, c.gid, dir, Probe::CreateEntries) {
-        Ok(Err(_)) => {}
-        Ok(Ok(())) => {
-            fine = false;
-            let msg = format!(
-                "{} can create entries in {} (its CLI's mkdir .oauth_refresh.lock succeeds): it can refresh and rotate the single-use refresh token, and every other copy then dies",
-                c.who,
-                dir.display()
-            );
-            r.add(c.check.clone(), Level::Fail, msg, Some(&topology_fix(c)));
-        }
-        Err(why) => {
-            fine = false;
-            let msg = format!(
-                "cannot test whether {} can create entries in {}: {why}",
-                c.who,
-                dir.display()
-            );
-            r.add(c.check.clone(), Level::Warn, msg, None);
-        }
-    }
+    fine &= cannot_create_entries(r, c, dir);
     match kind {
         None if fine => r.add(
             c.check.clone(),
@@ -971,6 +951,31 @@ fn consumer_file(r: &mut Report, c: &Consumer) {
         ),
         _ => {}
     }
+}
+
+/// False (with a finding) when the consumer could create entries in `dir`,
+/// where its CLI takes the refresh lock, or when that cannot be tested.
+fn cannot_create_entries(r: &mut Report, c: &Consumer, dir: &Path) -> bool {
+    match probe_as(&c.user, c.gid, dir, Probe::CreateEntries) {
+        Ok(Err(_)) => return true,
+        Ok(Ok(())) => {
+            let msg = format!(
+                "{} can create entries in {} (its CLI's mkdir .oauth_refresh.lock succeeds): it can refresh and rotate the single-use refresh token, and every other copy then dies",
+                c.who,
+                dir.display()
+            );
+            r.add(c.check.clone(), Level::Fail, msg, Some(&topology_fix(c)));
+        }
+        Err(why) => {
+            let msg = format!(
+                "cannot test whether {} can create entries in {}: {why}",
+                c.who,
+                dir.display()
+            );
+            r.add(c.check.clone(), Level::Warn, msg, None);
+        }
+    }
+    false
 }
 
 /// The refresh unit's CLI must read (and may refresh) the source itself.
@@ -1149,41 +1154,67 @@ fn blank(c: char) -> bool {
 /// does: `KEY=VALUE` lines, `#`/`;` comments, single and double quotes,
 /// backslash escapes and continuation lines, blanks around a value dropped.
 fn parse_env_file(text: &str) -> Vec<(String, String)> {
-    use EnvState::*;
-    let newline = |c: char| c == '\n' || c == '\r';
     let mut p = EnvParser::default();
-    let mut s = PreKey;
+    let mut s = EnvState::PreKey;
     for c in text.chars() {
-        s = match s {
+        s = p.step(s, c);
+    }
+    use EnvState::*;
+    if !matches!(s, PreKey | Key | Comment | CommentEscape) {
+        p.push(s == Value);
+    }
+    p.out
+}
+
+fn newline(c: char) -> bool {
+    c == '\n' || c == '\r'
+}
+
+impl EnvParser {
+    /// One character before the value: keys and comments.
+    fn step(&mut self, s: EnvState, c: char) -> EnvState {
+        use EnvState::*;
+        match s {
             PreKey if c == '#' || c == ';' => Comment,
             PreKey if blank(c) => PreKey,
             Key if newline(c) => {
-                p.key.clear();
+                self.key.clear();
                 PreKey
             }
             Key if c == '=' => PreValue,
             PreKey | Key => {
-                p.key.push(c);
+                self.key.push(c);
                 Key
             }
+            Comment if c == '\\' => CommentEscape,
+            Comment | CommentEscape if newline(c) => PreKey,
+            Comment | CommentEscape => Comment,
+            _ => self.value_step(s, c),
+        }
+    }
+
+    /// One character of a value.
+    fn value_step(&mut self, s: EnvState, c: char) -> EnvState {
+        use EnvState::*;
+        match s {
             PreValue | Value if newline(c) => {
-                p.push(s == Value);
+                self.push(s == Value);
                 PreKey
             }
             PreValue if c == '\'' => Single,
             PreValue if c == '"' => Double,
             PreValue | Value if c == '\\' => {
-                p.blanks = None;
+                self.blanks = None;
                 ValueEscape
             }
             PreValue if blank(c) => PreValue,
             PreValue | Value => {
-                p.unquoted(c);
+                self.unquoted(c);
                 Value
             }
             ValueEscape => {
                 if !newline(c) {
-                    p.value.push(c);
+                    self.value.push(c);
                 }
                 Value
             }
@@ -1191,27 +1222,20 @@ fn parse_env_file(text: &str) -> Vec<(String, String)> {
             Double if c == '"' => PreValue,
             Double if c == '\\' => DoubleEscape,
             Single | Double => {
-                p.value.push(c);
+                self.value.push(c);
                 s
             }
             DoubleEscape => {
                 if "\"\\`$".contains(c) {
-                    p.value.push(c);
+                    self.value.push(c);
                 } else if c != '\n' {
-                    p.value.extend(['\\', c]);
+                    self.value.extend(['\\', c]);
                 }
                 Double
             }
-            Comment if c == '\\' => CommentEscape,
-            Comment if newline(c) => PreKey,
-            CommentEscape if newline(c) => PreKey,
-            Comment | CommentEscape => Comment,
-        };
+            PreKey | Key | Comment | CommentEscape => s,
+        }
     }
-    if !matches!(s, PreKey | Key | Comment | CommentEscape) {
-        p.push(s == Value);
-    }
-    p.out
 }
 
 #[cfg(test)]

@@ -323,8 +323,7 @@ fn sighup_with_an_absurd_duration_keeps_the_agent() {
     write_atomic(&src, &c);
     let dest = env.path("shared/.credentials.json");
     assert!(
-        wait_until(Duration::from_secs(5), || read_json(&dest)
-            == Some(serde_json::from_str(&c).unwrap())),
+        wait_until(Duration::from_secs(5), || read_json(&dest) == Some(copied(&c))),
         "{}",
         agent.stderr()
     );

@@ -76,6 +76,16 @@ impl Doctor<'_> {
             .to_string()
     }
 
+    /// The line for `check` with `status` that contains `needle` (a check
+    /// may have several lines).
+    fn line_with(&self, out: &str, status: &str, check: &str, needle: &str) -> String {
+        let prefix = format!("{status:<4} {check}: ");
+        out.lines()
+            .find(|l| l.starts_with(&prefix) && l.contains(needle))
+            .unwrap_or_else(|| panic!("no `{prefix}` line with `{needle}` in:\n{out}"))
+            .to_string()
+    }
+
     fn sync(&self) {
         let (code, out, _) = self
             .env
@@ -588,7 +598,7 @@ fn oauth_token_in_anthropic_api_key_fails_and_is_never_printed() {
     // `run` also fails on any `sk-ant-` in stdout or stderr.
     let (code, out) = d.run(&[]);
     assert_eq!(code, 1, "{out}");
-    let line = d.line(&out, "fail", CONSUMER);
+    let line = d.line_with(&out, "fail", CONSUMER, "ANTHROPIC_API_KEY");
     assert!(
         line.contains("ANTHROPIC_API_KEY (from Environment=) holds an OAuth access token")
             && line.contains("Invalid API key · Fix external API key"),
@@ -607,7 +617,7 @@ fn oauth_token_in_anthropic_api_key_fails_and_is_never_printed() {
     let (_, out) = d.run(&[]);
     let origin = format!("EnvironmentFile={}", file.display());
     assert!(
-        d.line(&out, "fail", CONSUMER)
+        d.line_with(&out, "fail", CONSUMER, "ANTHROPIC_API_KEY")
             .contains(&format!("fix: remove ANTHROPIC_API_KEY from {origin}")),
         "{out}"
     );

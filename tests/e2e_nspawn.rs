@@ -138,6 +138,9 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
     old_way_side_by_side after configured_and_started;
     dbus_unreachable_then_back after configured_and_started;
     daemon_reexec_during_a_restart after configured_and_started;
+    refresh_through_a_real_oneshot_unit after configured_and_started;
+    alert_unit_on_a_refused_source after configured_and_started;
+    a_restart_into_an_exiting_unit_is_a_failure after configured_and_started;
     no_token_leaks after installed_not_enabled;
     purge_removes_the_state after installed_not_enabled;
 ];
@@ -669,6 +672,129 @@ fn daemon_reexec_during_a_restart(c: &Container, _: &mut Shared) {
     );
     assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
     c.ok("rm -r /etc/systemd/system/bridge.service.d && systemctl daemon-reload");
+}
+
+/// The configuration of the steps below: the base one with `agent_extra`
+/// added to `[agent]` and `watch_extra` to the first watch.
+fn config_with(agent_extra: &str, watch_extra: &str) -> String {
+    config("0640")
+        .replacen("settle = \"200ms\"\n", &format!("settle = \"200ms\"\n{agent_extra}"), 1)
+        .replacen("source_owner = \"root\"\n", &format!("source_owner = \"root\"\n{watch_extra}"), 1)
+}
+
+/// Applies a configuration and waits until the agent has reloaded it.
+fn reload_with(c: &Container, toml: &str) {
+    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", toml);
+    c.ok("systemctl reload cred-watch");
+    c.settled();
+}
+
+/// The oneshot refresh unit plays the CLI: it writes a newer token (with a
+/// refresh token, mode 0600, by rename) and notes each run.
+const REFRESH_UNIT: &str = r#"[Unit]
+Description=plays claude auth status
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo run >> /run/refresh.runs; exp=$(( ($(date +%%s) + 8 * 3600) * 1000 )); umask 077; printf "{\"claudeAiOauth\":{\"accessToken\":\"sk-ant-oat01-refreshed\",\"refreshToken\":\"sk-ant-ort01-refreshed\",\"expiresAt\":%%d,\"scopes\":[\"user:inference\"],\"subscriptionType\":\"max\"}}" $exp > /root/.claude/.credentials.json.tmp.r; mv -f /root/.claude/.credentials.json.tmp.r /root/.claude/.credentials.json'
+"#;
+
+/// `[watch.refresh]` on real systemd: a token expiring in `ahead` + 3 s is
+/// refreshed through the unit exactly once, propagated without its refresh
+/// token, and the bridge restarted exactly once.
+fn refresh_through_a_real_oneshot_unit(c: &Container, shared: &mut Shared) {
+    let _restore = OnFailure(|| {
+        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+        put_back(c, "systemctl reload cred-watch");
+    });
+    c.sh_input("cat > /etc/systemd/system/claude-refresh.service", REFRESH_UNIT);
+    c.ok("systemctl daemon-reload && rm -f /run/refresh.runs");
+    let refresh = "[watch.refresh]\nunit = \"claude-refresh.service\"\nahead = \"4m\"\ntimeout = \"30s\"\n";
+    // The token below is older than the ones the bursts applied.
+    reload_with(c, &config_with("", &format!("allow_rollback = true\n{refresh}")));
+    let starts = c.bridge_starts();
+    let t0 = Instant::now();
+    c.write_creds(SRC, &common::creds_exp(71, common::now_ms() + 4 * 60_000 + 3_000));
+    let runs = || c.ok("cat /run/refresh.runs 2>/dev/null | wc -l");
+    assert!(
+        common::wait_until(Duration::from_secs(30), || runs() == "1"),
+        "the refresh unit did not run:\n{}",
+        c.journal()
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(30), || c
+            .journal()
+            .contains("refreshed through claude-refresh.service")),
+        "{}",
+        c.journal()
+    );
+    c.settled();
+    let copy = c.ok(&format!("cat {DEST}"));
+    assert!(copy.contains("sk-ant-oat01-refreshed"), "the copy has the refreshed token");
+    assert!(!copy.contains("refreshToken"), "the copy carries no refresh token");
+    assert_eq!(c.bridge_starts() - starts, 2, "one restart for the expiring token, one for the refreshed one");
+    assert_eq!(runs(), "1", "refreshed exactly once");
+    shared.report.push(format!(
+        "| refresh through a real oneshot unit | 1 run, 2 bridge restarts, {:.1} s |",
+        t0.elapsed().as_secs_f64()
+    ));
+    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+    c.ok("systemctl reload cred-watch");
+}
+
+/// `[agent] alert_unit` with the packaged example: a refused source starts
+/// it once and it logs at priority err.
+fn alert_unit_on_a_refused_source(c: &Container, _: &mut Shared) {
+    let _restore = OnFailure(|| {
+        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+        put_back(c, "systemctl reload cred-watch");
+    });
+    let example = "/usr/share/doc/cred-watch/examples/cred-watch-alert@.service";
+    c.ok(&format!("dpkg -L cred-watch | grep -qx {example}"));
+    c.sh_input(
+        "cat > /etc/systemd/system/cred-watch-alert@.service",
+        include_str!("../packaging/examples/cred-watch-alert@.service"),
+    );
+    c.ok("systemctl daemon-reload");
+    reload_with(c, &config_with("alert_unit = \"cred-watch-alert@%i.service\"\n", ""));
+    c.write_creds(SRC, "{\"claudeAiOauth\": {}}");
+    let alerts = || c.ok("journalctl -t cred-watch-alert -p err --no-pager -o cat");
+    assert!(
+        common::wait_until(Duration::from_secs(30), || alerts()
+            .contains("watch claude needs attention")),
+        "no alert at priority err:\n{}\n{}",
+        alerts(),
+        c.journal()
+    );
+    c.write_creds(SRC, "{\"claudeAiOauth\": 2}");
+    c.settled();
+    assert_eq!(alerts().lines().count(), 1, "once per problem:\n{}", alerts());
+    c.write_creds(SRC, &common::creds_exp(81, common::now_ms() + 9 * 3_600_000));
+    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+    c.ok("systemctl reload cred-watch");
+    c.settled();
+}
+
+/// A unit whose process exits at once: the restart job is `done`, but the
+/// unit is not running, and that is reported as a failed restart.
+fn a_restart_into_an_exiting_unit_is_a_failure(c: &Container, _: &mut Shared) {
+    let _restore = OnFailure(|| {
+        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+        put_back(c, "systemctl reload cred-watch");
+    });
+    c.ok("printf '[Service]\\nExecStart=/bin/sh -c \"exit 1\"\\n' > /etc/systemd/system/crash.service && systemctl daemon-reload");
+    let crash = "[[watch]]\nname = \"crash\"\nsource = \"/root/crash/.credentials.json\"\n[watch.restart]\nunits = [\"crash.service\"]\nmin_interval = \"0s\"\n";
+    c.write_creds("/root/crash/.credentials.json", &creds(91));
+    reload_with(c, &format!("{}\n{crash}", config("0640")));
+    c.write_creds("/root/crash/.credentials.json", &creds(92));
+    assert!(
+        common::wait_until(Duration::from_secs(30), || c
+            .journal()
+            .contains("restart of crash.service failed: job for crash.service finished, but the unit is failed")),
+        "{}",
+        c.journal()
+    );
+    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+    c.ok("systemctl reload cred-watch");
 }
 
 /// No token text anywhere it could leak.
