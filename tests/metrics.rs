@@ -47,12 +47,10 @@ fn a_scripted_session_gives_the_expected_metrics_and_alerts() {
     fs::create_dir_all(env.path("metrics")).unwrap();
     let src = env.path("home/.claude/.credentials.json");
     fs::create_dir_all(src.parent().unwrap()).unwrap();
-    let config = format!(
-        "[agent]\nstate_dir = \"{{ROOT}}/state\"\nsettle = \"0s\"\nmetrics_file = \"{{ROOT}}/metrics/cred-watch.prom\"\nalert_unit = \"cred-watch-alert@%i.service\"\n\n\
-         [[watch]]\nname = \"claude-1\"\nsource = \"{{ROOT}}/home/.claude/.credentials.json\"\nexpiry_warning = \"30m\"\nallow_rollback = true\n\n\
-         [[watch.copy]]\ndest = \"{{ROOT}}/shared/.credentials.json\"\n\n\
-         [watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"0s\"\n"
-    );
+    let config = "[agent]\nstate_dir = \"{ROOT}/state\"\nsettle = \"0s\"\nmetrics_file = \"{ROOT}/metrics/cred-watch.prom\"\nalert_unit = \"cred-watch-alert@%i.service\"\n\n\
+         [[watch]]\nname = \"claude-1\"\nsource = \"{ROOT}/home/.claude/.credentials.json\"\nexpiry_warning = \"30m\"\nallow_rollback = true\n\n\
+         [[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n\n\
+         [watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"0s\"\n".to_string();
     write_atomic(&src, &creds(1));
     let agent = Agent::start_with(
         &env,
