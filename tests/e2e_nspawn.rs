@@ -141,6 +141,7 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
     refresh_through_a_real_oneshot_unit after configured_and_started;
     alert_unit_on_a_refused_source after configured_and_started;
     a_restart_into_an_exiting_unit_is_a_failure after configured_and_started;
+    doctor_reads_a_consumer_unit_over_dbus after configured_and_started;
     no_token_leaks after installed_not_enabled;
     purge_removes_the_state after installed_not_enabled;
 ];
@@ -678,8 +679,16 @@ fn daemon_reexec_during_a_restart(c: &Container, _: &mut Shared) {
 /// added to `[agent]` and `watch_extra` to the first watch.
 fn config_with(agent_extra: &str, watch_extra: &str) -> String {
     config("0640")
-        .replacen("settle = \"200ms\"\n", &format!("settle = \"200ms\"\n{agent_extra}"), 1)
-        .replacen("source_owner = \"root\"\n", &format!("source_owner = \"root\"\n{watch_extra}"), 1)
+        .replacen(
+            "settle = \"200ms\"\n",
+            &format!("settle = \"200ms\"\n{agent_extra}"),
+            1,
+        )
+        .replacen(
+            "source_owner = \"root\"\n",
+            &format!("source_owner = \"root\"\n{watch_extra}"),
+            1,
+        )
 }
 
 /// Applies a configuration and waits until the agent has reloaded it.
@@ -706,14 +715,24 @@ fn refresh_through_a_real_oneshot_unit(c: &Container, shared: &mut Shared) {
         c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
         put_back(c, "systemctl reload cred-watch");
     });
-    c.sh_input("cat > /etc/systemd/system/claude-refresh.service", REFRESH_UNIT);
+    c.sh_input(
+        "cat > /etc/systemd/system/claude-refresh.service",
+        REFRESH_UNIT,
+    );
     c.ok("systemctl daemon-reload && rm -f /run/refresh.runs");
-    let refresh = "[watch.refresh]\nunit = \"claude-refresh.service\"\nahead = \"4m\"\ntimeout = \"30s\"\n";
+    let refresh =
+        "[watch.refresh]\nunit = \"claude-refresh.service\"\nahead = \"4m\"\ntimeout = \"30s\"\n";
     // The token below is older than the ones the bursts applied.
-    reload_with(c, &config_with("", &format!("allow_rollback = true\n{refresh}")));
+    reload_with(
+        c,
+        &config_with("", &format!("allow_rollback = true\n{refresh}")),
+    );
     let starts = c.bridge_starts();
     let t0 = Instant::now();
-    c.write_creds(SRC, &common::creds_exp(71, common::now_ms() + 4 * 60_000 + 3_000));
+    c.write_creds(
+        SRC,
+        &common::creds_exp(71, common::now_ms() + 4 * 60_000 + 3_000),
+    );
     let runs = || c.ok("cat /run/refresh.runs 2>/dev/null | wc -l");
     assert!(
         common::wait_until(Duration::from_secs(30), || runs() == "1"),
@@ -729,9 +748,19 @@ fn refresh_through_a_real_oneshot_unit(c: &Container, shared: &mut Shared) {
     );
     c.settled();
     let copy = c.ok(&format!("cat {DEST}"));
-    assert!(copy.contains("sk-ant-oat01-refreshed"), "the copy has the refreshed token");
-    assert!(!copy.contains("refreshToken"), "the copy carries no refresh token");
-    assert_eq!(c.bridge_starts() - starts, 2, "one restart for the expiring token, one for the refreshed one");
+    assert!(
+        copy.contains("sk-ant-oat01-refreshed"),
+        "the copy has the refreshed token"
+    );
+    assert!(
+        !copy.contains("refreshToken"),
+        "the copy carries no refresh token"
+    );
+    assert_eq!(
+        c.bridge_starts() - starts,
+        2,
+        "one restart for the expiring token, one for the refreshed one"
+    );
     assert_eq!(runs(), "1", "refreshed exactly once");
     shared.report.push(format!(
         "| refresh through a real oneshot unit | 1 run, 2 bridge restarts, {:.1} s |",
@@ -755,7 +784,10 @@ fn alert_unit_on_a_refused_source(c: &Container, _: &mut Shared) {
         include_str!("../packaging/examples/cred-watch-alert@.service"),
     );
     c.ok("systemctl daemon-reload");
-    reload_with(c, &config_with("alert_unit = \"cred-watch-alert@%i.service\"\n", ""));
+    reload_with(
+        c,
+        &config_with("alert_unit = \"cred-watch-alert@%i.service\"\n", ""),
+    );
     c.write_creds(SRC, "{\"claudeAiOauth\": {}}");
     let alerts = || c.ok("journalctl -t cred-watch-alert -p err --no-pager -o cat");
     assert!(
@@ -767,8 +799,16 @@ fn alert_unit_on_a_refused_source(c: &Container, _: &mut Shared) {
     );
     c.write_creds(SRC, "{\"claudeAiOauth\": 2}");
     c.settled();
-    assert_eq!(alerts().lines().count(), 1, "once per problem:\n{}", alerts());
-    c.write_creds(SRC, &common::creds_exp(81, common::now_ms() + 9 * 3_600_000));
+    assert_eq!(
+        alerts().lines().count(),
+        1,
+        "once per problem:\n{}",
+        alerts()
+    );
+    c.write_creds(
+        SRC,
+        &common::creds_exp(81, common::now_ms() + 9 * 3_600_000),
+    );
     c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
     c.ok("systemctl reload cred-watch");
     c.settled();
@@ -787,12 +827,52 @@ fn a_restart_into_an_exiting_unit_is_a_failure(c: &Container, _: &mut Shared) {
     reload_with(c, &format!("{}\n{crash}", config("0640")));
     c.write_creds("/root/crash/.credentials.json", &creds(92));
     assert!(
-        common::wait_until(Duration::from_secs(30), || c
+        common::wait_until(Duration::from_secs(30), || {
+            c
             .journal()
-            .contains("restart of crash.service failed: job for crash.service finished, but the unit is failed")),
+            .contains("restart of crash.service failed: job for crash.service finished, but the unit is failed")
+        }),
         "{}",
         c.journal()
     );
+    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+    c.ok("systemctl reload cred-watch");
+}
+
+/// doctor's consumer check on real systemd: User=, Group= and Environment=
+/// read over D-Bus, the copy found through CLAUDE_SECURESTORAGE_CONFIG_DIR.
+fn doctor_reads_a_consumer_unit_over_dbus(c: &Container, _: &mut Shared) {
+    let _restore = OnFailure(|| {
+        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+        put_back(c, "systemctl reload cred-watch");
+    });
+    c.ok("id worker >/dev/null 2>&1 || useradd -r -M -d /nonexistent -G claude-credentials worker");
+    c.ok("printf '[Service]\\nUser=worker\\nEnvironment=CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/claude-credentials ANTHROPIC_BASE_URL=http://127.0.0.1:9\\nExecStart=/bin/sleep infinity\\n' > /etc/systemd/system/consumer.service && systemctl daemon-reload && systemctl start consumer");
+    let toml = config("0640").replacen(
+        "units = [\"bridge.service\"]",
+        "units = [\"bridge.service\", \"consumer.service\"]",
+        1,
+    );
+    reload_with(c, &toml);
+    let (_, out, err) = c.sh("cred-watch doctor");
+    assert_no_secret(&out, "doctor");
+    let line = out
+        .lines()
+        .find(|l| l.contains("consumer consumer.service"))
+        .unwrap_or_else(|| panic!("no consumer line:\n{out}\n{err}"));
+    assert!(
+        line.starts_with("ok") && line.contains("User=worker reads a copy"),
+        "{line}\n{out}"
+    );
+    let root_bridge = out
+        .lines()
+        .find(|l| l.contains("consumer bridge.service"))
+        .unwrap_or_default();
+    assert!(
+        root_bridge.starts_with("fail") && root_bridge.contains("can create entries"),
+        "{out}"
+    );
+    c.ok("systemctl stop consumer");
     c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
     c.ok("systemctl reload cred-watch");
 }
