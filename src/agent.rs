@@ -31,6 +31,8 @@ pub struct Agent {
     config_path: PathBuf,
     settings: Settings,
     watcher: Watcher,
+    /// What each watcher slot is: (watch, copy index for a destination).
+    roles: Vec<(usize, Option<usize>)>,
     /// One per watch, in the order of `settings.watches`.
     trackers: Vec<Tracker>,
     sched: Scheduler,
@@ -84,6 +86,7 @@ impl Agent {
         Ok(Agent {
             config_path,
             trackers: trackers(&settings, &state),
+            roles: slot_roles(&settings),
             sched: Scheduler::new(settings.agent.settle),
             settings,
             watcher,
@@ -171,10 +174,11 @@ impl Agent {
         Ok(())
     }
 
-    /// Arms watch `n`. A kernel limit is fatal: better to exit (and be
-    /// restarted by systemd, loudly) than to run without watching.
+    /// Arms watcher slot `n` (a source or a copy). A kernel limit is
+    /// fatal: better to exit (and be restarted by systemd, loudly) than to
+    /// run without watching.
     fn arm(&mut self, n: usize) -> anyhow::Result<()> {
-        let name = &self.settings.watches[n].name;
+        let name = &self.settings.watches[self.roles[n].0].name;
         match self.watcher.arm(n) {
             Ok(()) => debug!("{name}: {}", self.watcher.describe(n)),
             Err(e @ crate::fsutil::FsError::Limit { .. }) => {
@@ -187,7 +191,7 @@ impl Agent {
 
     fn reconcile_all(&mut self, why: &str) {
         debug!("reconciling all watches ({why})");
-        for n in 0..self.watcher.len() {
+        for n in 0..self.trackers.len() {
             self.process(n, true);
         }
         self.state.agent.last_reconcile_ms = Some(now_ms());
@@ -442,6 +446,7 @@ impl Agent {
                 crate::logging::set_level(new.agent.log_level.filter());
                 self.sched.set_settle(new.agent.settle);
                 self.trackers = trackers(&new, &self.state);
+                self.roles = slot_roles(&new);
                 self.watcher = watcher;
                 if let Some(lock) = lock {
                     self.lock = lock;
@@ -606,28 +611,65 @@ impl Agent {
             self.reconcile_all("overflow");
             return Ok(());
         }
-        // Coalesce: each watch is re-armed and processed at most once per batch.
+        // Coalesce: each slot is re-armed and each watch processed at most
+        // once per batch.
         let mut rearm = vec![false; self.watcher.len()];
-        let mut touched: Vec<Option<bool>> = vec![None; self.watcher.len()];
+        let mut touched: Vec<Option<bool>> = vec![None; self.trackers.len()];
         for c in changes {
-            match c {
-                Change::Rearm(n) => rearm[n] = true,
-                Change::Source { watch, complete } => {
-                    let t = &mut touched[watch];
-                    *t = Some(t.unwrap_or(false) || complete);
+            let (slot, complete) = match c {
+                Change::Rearm(slot) => {
+                    rearm[slot] = true;
+                    (slot, true)
                 }
-                Change::Overflow => {}
+                Change::File { slot, complete } => (slot, complete),
+                Change::Overflow => continue,
+            };
+            let (n, copy) = self.roles[slot];
+            // Our own copy writes come back as events: only a copy that is
+            // not what we wrote brings the watch back.
+            if let Some(c) = copy {
+                if !rearm[slot] && self.copy_is_ours(slot, n, c) {
+                    continue;
+                }
             }
+            let t = &mut touched[n];
+            *t = Some(t.unwrap_or(false) || complete);
         }
-        for n in 0..self.watcher.len() {
-            if rearm[n] {
-                self.arm(n)?;
-                self.process(n, true);
-            } else if let Some(complete) = touched[n] {
+        for slot in (0..rearm.len()).filter(|&s| rearm[s]) {
+            self.arm(slot)?;
+        }
+        for (n, complete) in touched.into_iter().enumerate() {
+            if let Some(complete) = complete {
                 self.process(n, complete);
             }
         }
         Ok(())
+    }
+
+    /// Copy `c` of watch `n` (watcher slot `slot`) holds what the agent
+    /// last wrote there, with the configured owner, group and mode.
+    fn copy_is_ours(&self, slot: usize, n: usize, c: usize) -> bool {
+        let w = &self.settings.watches[n];
+        let copy = &w.copies[c];
+        let Some(dir) = self.watcher.dir_fd(slot) else {
+            return false;
+        };
+        let Some(ours) = self
+            .state
+            .watches
+            .get(&w.name)
+            .and_then(|r| r.copies.get(&copy.dest.display().to_string()))
+        else {
+            return false;
+        };
+        let (dir_path, name) = config::split_file(&copy.dest);
+        match crate::fsutil::read_entry(dir, dir_path, name, crate::source::MAX_SIZE) {
+            Ok(Some((st, bytes))) => {
+                crate::validate::Fingerprint::of(&bytes).hex() == *ours
+                    && crate::apply::meta_matches(&st, copy)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -670,10 +712,29 @@ fn lock_state_dir(settings: &Settings) -> anyhow::Result<state::StateLock> {
     }
 }
 
+/// The watcher's slots: each watch's source (slot `n` is watch `n`), then
+/// every copy destination, so a copy changed by someone else is noticed.
 fn new_watcher(settings: &Settings) -> anyhow::Result<Watcher> {
-    let sources: Vec<PathBuf> = settings.watches.iter().map(|w| w.source.clone()).collect();
-    Watcher::new(&sources)
+    let files: Vec<PathBuf> = slot_roles(settings)
+        .into_iter()
+        .map(|(n, copy)| {
+            let w = &settings.watches[n];
+            copy.map_or_else(|| w.source.clone(), |c| w.copies[c].dest.clone())
+        })
+        .collect();
+    Watcher::new(&files)
         .context("creating the inotify instance (fs.inotify.max_user_instances reached?)")
+}
+
+/// What each watcher slot is: (watch, copy index for a destination).
+fn slot_roles(settings: &Settings) -> Vec<(usize, Option<usize>)> {
+    let sources = (0..settings.watches.len()).map(|n| (n, None));
+    let copies = settings
+        .watches
+        .iter()
+        .enumerate()
+        .flat_map(|(n, w)| (0..w.copies.len()).map(move |c| (n, Some(c))));
+    sources.chain(copies).collect()
 }
 
 fn plan(r: &config::RestartSettings) -> Plan {

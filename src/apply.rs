@@ -110,7 +110,7 @@ pub fn ensure_copy(
     };
     let current = fsutil::read_entry(dir.as_fd(), dir_path, name, crate::source::MAX_SIZE)?;
     let previous = current.as_ref().map(|(_, bytes)| Fingerprint::of(bytes));
-    let Some(reason) = difference(current.as_ref(), payload, copy, owner, group) else {
+    let Some(reason) = difference(current.as_ref(), payload, copy) else {
         return Ok(CopyOutcome {
             change: None,
             previous,
@@ -143,20 +143,22 @@ fn difference(
     current: Option<&(FileStat, Vec<u8>)>,
     payload: &Secret,
     copy: &CopySettings,
-    owner: Option<Uid>,
-    group: Option<Gid>,
 ) -> Option<&'static str> {
     let Some((st, bytes)) = current else {
         return Some("created");
     };
     if bytes != &payload.0 {
         Some("content updated")
-    } else if perm_bits(st) != copy.mode
-        || owner.is_some_and(|u| u.as_raw() != st.st_uid)
-        || group.is_some_and(|g| g.as_raw() != st.st_gid)
-    {
+    } else if !meta_matches(st, copy) {
         Some("owner/mode restored")
     } else {
         None
     }
+}
+
+/// The file has the copy's configured mode, and owner and group where set.
+pub fn meta_matches(st: &FileStat, copy: &CopySettings) -> bool {
+    perm_bits(st) == copy.mode
+        && copy.owner.as_ref().is_none_or(|u| u.id == st.st_uid)
+        && copy.group.as_ref().is_none_or(|g| g.id == st.st_gid)
 }

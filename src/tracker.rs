@@ -247,6 +247,11 @@ impl Tracker {
         rec.last_error = None;
         rec.last_refusal = None;
         fx.extend(self.record(w, rec, &v, now));
+        let restored = v.notices.iter().any(|n| !n.once_per_credential());
+        if let (true, false, Some(r)) = (restored, v.content_changed, &w.restart) {
+            // Its readers may have picked up what someone else put there.
+            fx.push(Effect::Restart(r.units.clone()));
+        }
         for n in v.notices.iter().filter(|n| !n.once_per_credential()) {
             let level = if n.is_error() {
                 rec.rescued = rec.rescued.saturating_add(1);

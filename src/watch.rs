@@ -34,10 +34,11 @@ fn leaf_mask() -> WatchMask {
 /// What happened, for the agent to act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// The source of watch `n` may have changed. `complete` is false when
-    /// the only event was a creation (a write may still be under way).
-    Source { watch: usize, complete: bool },
-    /// The watched directory of watch `n` went away or appeared: re-arm.
+    /// The file of slot `n` (a source or a copy) may have changed.
+    /// `complete` is false when the only event was a creation (a write may
+    /// still be under way).
+    File { slot: usize, complete: bool },
+    /// A watched directory of slot `n` went away or appeared: re-arm.
     Rearm(usize),
     /// Events were lost: everything must be re-scanned.
     Overflow,
@@ -68,9 +69,10 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// `sources` are absolute file paths; nothing is watched until [`arm`].
-    pub fn new(sources: &[PathBuf]) -> std::io::Result<Watcher> {
-        let slots = sources
+    /// One slot per absolute file path (sources, then copies); nothing is
+    /// watched until [`arm`](Self::arm).
+    pub fn new(files: &[PathBuf]) -> std::io::Result<Watcher> {
+        let slots = files
             .iter()
             .map(|s| {
                 let (dir, file) = crate::config::split_file(s);
@@ -94,7 +96,7 @@ impl Watcher {
         self.inotify.as_fd()
     }
 
-    /// The source directory of watch `n`, when it exists and is watched.
+    /// The directory of slot `n`'s file, when it exists and is watched.
     pub fn dir_fd(&self, n: usize) -> Option<BorrowedFd<'_>> {
         self.slots[n].fd.as_ref().map(|fd| fd.as_fd())
     }
@@ -244,7 +246,7 @@ fn classify(
         .find(|(_, l)| &l.wd == wd && l.child == name)?;
     if i == last && slot.fd.is_some() {
         let complete = !mask.contains(EventMask::CREATE) || mask.intersects(EventMask::ISDIR);
-        Some(Change::Source { watch: n, complete })
+        Some(Change::File { slot: n, complete })
     } else if mask.intersects(
         EventMask::CREATE | EventMask::DELETE | EventMask::MOVED_FROM | EventMask::MOVED_TO,
     ) {
