@@ -244,7 +244,7 @@ impl Agent {
         for effect in effects {
             match effect {
                 Effect::Log(level, message) => log::log!(level, "{message}"),
-                Effect::Status(status) => self.notifier.status(&status),
+                Effect::Status(status) => self.set_status(&status),
                 Effect::Restart(units) => self.owe_restarts(n, &units, now),
                 Effect::Reread => self.process(n, true),
                 Effect::StartRefresh(unit) => self.start_refresh(n, unit),
@@ -277,7 +277,7 @@ impl Agent {
             timeout: r.timeout,
             min_interval: Duration::ZERO,
         };
-        self.notifier.status(&format!(
+        self.set_status(&format!(
             "{}: refreshing through {unit}",
             self.settings.watches[n].name
         ));
@@ -350,8 +350,7 @@ impl Agent {
                 info!("restarting {} ({})", job.unit, job.plan.action.method());
             }
             let units: Vec<&str> = jobs.iter().map(|j| j.unit.as_str()).collect();
-            self.notifier
-                .status(&format!("restarting {}", units.join(", ")));
+            self.set_status(&format!("restarting {}", units.join(", ")));
             self.worker.submit(jobs);
         }
         if self.next_resync.is_some_and(|at| now.at >= at) {
@@ -397,7 +396,7 @@ impl Agent {
                 Ok(()) => {
                     rec.restarted(now.wall_ms, still_owed);
                     info!("restarted {}", out.unit);
-                    self.notifier.status(&format!("restarted {}", out.unit));
+                    self.set_status(&format!("restarted {}", out.unit));
                 }
                 Err(e) => {
                     error!(
@@ -410,8 +409,7 @@ impl Agent {
                     if failures >= 2 {
                         self.restart_failed_alerts(&out.unit, now);
                     }
-                    self.notifier
-                        .status(&format!("restart of {} failed", out.unit));
+                    self.set_status(&format!("restart of {} failed", out.unit));
                 }
             }
             self.dirty = true;
@@ -538,6 +536,35 @@ impl Agent {
         let refused = self.trackers.iter().filter(|t| t.is_refused()).count();
         let absent = self.trackers.iter().filter(|t| t.is_absent()).count();
         format!("watching {n} source(s), {absent} absent, {refused} refused")
+    }
+
+    /// The watches with a problem now, for the front of `STATUS=`.
+    fn problems(&self) -> Vec<String> {
+        self.trackers
+            .iter()
+            .zip(&self.settings.watches)
+            .filter_map(|(t, w)| {
+                let why = if t.is_refused() {
+                    "source refused"
+                } else if t.is_logged_out() {
+                    "source absent past its grace"
+                } else {
+                    return None;
+                };
+                Some(format!("{}: {why}", w.name))
+            })
+            .collect()
+    }
+
+    /// `STATUS=`: current problems first, then what just happened.
+    fn set_status(&self, what: &str) {
+        let problems = self.problems();
+        if problems.is_empty() {
+            self.notifier.status(what);
+        } else {
+            self.notifier
+                .status(&format!("PROBLEM {}; last: {what}", problems.join(", ")));
+        }
     }
 
     fn event_loop(

@@ -25,7 +25,13 @@ pub fn sync(
 ) -> anyhow::Result<i32> {
     if let Some(name) = only {
         if settings.watch(name).is_none() {
-            bail!("no watch named {name:?} in the configuration");
+            // A usage error, like clap's own (exit 2).
+            let names: Vec<&str> = settings.watches.iter().map(|w| w.name.as_str()).collect();
+            eprintln!(
+                "error: no watch named {name:?} in the configuration (watches: {})",
+                names.join(", ")
+            );
+            return Ok(2);
         }
     }
     let dir = &settings.agent.state_dir;
@@ -242,11 +248,19 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<i32> {
         "state: {}",
         state::state_path(&settings.agent.state_dir).display()
     );
-    println!(
-        "agent: pid {}, started {}",
-        st.agent.pid.map_or("-".into(), |p| p.to_string()),
-        ago(st.agent.started_at_ms)
-    );
+    if state::agent_running(&settings.agent.state_dir) {
+        println!(
+            "agent: running, pid {}, started {}",
+            st.agent.pid.map_or("-".into(), |p| p.to_string()),
+            ago(st.agent.started_at_ms)
+        );
+    } else {
+        println!(
+            "agent: not running (last run: pid {}, started {})",
+            st.agent.pid.map_or("-".into(), |p| p.to_string()),
+            ago(st.agent.started_at_ms)
+        );
+    }
     println!(
         "last reconcile: {} — {}",
         ago(st.agent.last_reconcile_ms),

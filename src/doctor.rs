@@ -125,7 +125,7 @@ pub fn diagnose(settings: &Settings, users: &[String], query: &mut dyn UnitQuery
         check_permissions(&mut r, w);
         check_copies(&mut r, w, valid.as_ref());
         let mut readers: Vec<String> = users.to_vec();
-        systemd_ok &= check_units(&mut r, w, query, &mut readers);
+        systemd_ok &= check_units(&mut r, w, query, &mut readers, valid.is_some());
         check_readers(&mut r, w, &readers);
     }
     if systemd_ok {
@@ -142,6 +142,7 @@ fn check_units(
     w: &WatchSettings,
     query: &mut dyn UnitQuery,
     readers: &mut Vec<String>,
+    source_valid: bool,
 ) -> bool {
     let mut asked = true;
     for unit in w.restart.iter().flat_map(|x| &x.units) {
@@ -156,7 +157,7 @@ fn check_units(
                 );
             }
             Ok(info) => {
-                check_unit(r, w, unit, &info);
+                check_unit(r, w, unit, &info, source_valid);
                 if info.load_state == "loaded" && unit.ends_with(".service") {
                     check_consumer(r, w, unit, &info, Role::Consumer);
                 }
@@ -555,7 +556,16 @@ fn blocking_ancestor(path: &Path) -> Option<String> {
         })
 }
 
-fn check_unit(r: &mut Report, w: &WatchSettings, unit: &str, info: &crate::systemd::UnitInfo) {
+/// `source_valid`: the source is present and valid now. Without it, a
+/// process holding a deleted file holds the last good token: restarting it
+/// would make it read a missing or refused file.
+fn check_unit(
+    r: &mut Report,
+    w: &WatchSettings,
+    unit: &str,
+    info: &crate::systemd::UnitInfo,
+    source_valid: bool,
+) {
     let check = format!("{} unit {unit}", w.name);
     if info.load_state != "loaded" {
         r.add(
@@ -595,6 +605,18 @@ fn check_unit(r: &mut Report, w: &WatchSettings, unit: &str, info: &crate::syste
         r.ok(
             check,
             format!("no process of {unit} holds a deleted credentials file"),
+        );
+    } else if !source_valid {
+        r.add(
+            check,
+            Level::Warn,
+            format!(
+                "{}: the workers hold the last good token, and the source is not valid now",
+                stale.join("; ")
+            ),
+            Some(&format!(
+                "do not restart {unit} until a valid file is back (fix the source first: see its line above)"
+            )),
         );
     } else {
         r.add(

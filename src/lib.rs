@@ -20,10 +20,10 @@ pub mod doctor;
 pub mod doubles;
 /// Path walking through directory fds and atomic replacement.
 pub mod fsutil;
-/// Prometheus text metrics from the state, for node_exporter.
-pub mod metrics;
 /// Logging to stderr with syslog priority prefixes under journald.
 pub mod logging;
+/// Prometheus text metrics from the state, for node_exporter.
+pub mod metrics;
 /// sd_notify messages to systemd.
 pub mod notify;
 /// One reconcile of one watch: read, validate, apply.

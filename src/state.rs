@@ -288,6 +288,29 @@ pub fn try_lock(dir: &Path) -> Result<Option<StateLock>, StateError> {
     }
 }
 
+/// An agent holds `state_dir`'s lock now. Looks without creating
+/// anything: no directory or lock file means no agent.
+pub fn agent_running(dir: &Path) -> bool {
+    use nix::fcntl::{openat, Flock, FlockArg, OFlag};
+    let Ok(dir_fd) = open_state_dir(dir, false) else {
+        return false;
+    };
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let Ok(fd) = openat(
+        dir_fd.as_fd(),
+        LOCK_FILE,
+        flags,
+        nix::sys::stat::Mode::empty(),
+    ) else {
+        return false;
+    };
+    match Flock::lock(std::fs::File::from(fd), FlockArg::LockSharedNonblock) {
+        // Released when dropped: nobody held it.
+        Ok(_) => false,
+        Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
+    }
+}
+
 /// Writes the state atomically (mode 0600), creating `dir` (0700) if needed.
 pub fn save(dir: &Path, state: &State) -> Result<(), StateError> {
     let fd = open_state_dir(dir, true)?;

@@ -112,6 +112,11 @@ impl Tracker {
         self.last_refusal.is_some()
     }
 
+    /// Absent for longer than its `deletion_grace` (a logout).
+    pub fn is_logged_out(&self) -> bool {
+        self.absent_since.is_some() && self.logout_warned
+    }
+
     /// The outcome of reading and applying the source. `complete`: the
     /// event said the write is finished (a creation alone does not).
     pub fn on_read(
@@ -346,6 +351,7 @@ impl Tracker {
                     w.source.display(),
                     format_duration(w.deletion_grace)
                 )));
+                fx.push(Effect::Status(format!("{}: source absent", w.name)));
                 fx.extend(self.alert("the source is absent"));
             }
         }

@@ -248,84 +248,6 @@ fn sync_dry_run_then_apply_then_status() {
     env.assert_state_clean();
 }
 
-#[test]
-fn journald_logging_has_priority_prefixes_and_no_timestamps() {
-    let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
-    write_atomic(&src, &creds(1));
-    let config = env.config(&fixture("good.toml"));
-    let mut child = std::process::Command::new(BIN)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("JOURNAL_STREAM", "8:1234")
-        .env(env_record(), env.restart_log())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Its stderr, line by line as it comes, to wait on.
-    let (tx, lines) = std::sync::mpsc::channel::<String>();
-    let reader = {
-        let pipe = std::io::BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in pipe.lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        })
-    };
-    let mut seen = Vec::new();
-    let mut wait_line = |needle: &str| {
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while !seen.iter().any(|l: &String| l.contains(needle)) {
-            let left = end.saturating_duration_since(std::time::Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("no {needle:?} line:\n{}", seen.join("\n")),
-            }
-        }
-    };
-    wait_line("<6>ready:");
-    write_atomic(&src, "{\"claudeAiOauth\": {}}");
-    wait_line("<4>claude: ");
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    reader.join().unwrap();
-    seen.extend(lines.try_iter());
-    let stderr = seen.join("\n");
-    assert!(status.success());
-    assert!(stderr.lines().count() >= 3, "{stderr}");
-    for line in stderr.lines() {
-        assert!(
-            line.len() > 3 && line.starts_with('<') && line.as_bytes()[2] == b'>',
-            "no priority prefix: {line}"
-        );
-        assert!(
-            !line[3..].starts_with("20") && !line.contains(" INFO "),
-            "timestamp or level text under journald: {line}"
-        );
-    }
-    assert!(
-        stderr.contains("<4>claude: ") && stderr.contains("<6>ready:"),
-        "{stderr}"
-    );
-    assert_no_secret(&stderr, "journald stderr");
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--config", "/nonexistent/cred-watch.toml"])
-        .env("JOURNAL_STREAM", "8:1234")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.starts_with("<3>configuration error: /nonexistent/cred-watch.toml: cannot read"),
-        "{stderr}"
-    );
-}
-
-fn env_record() -> &'static str {
-    "CRED_WATCH_TEST_RESTART_LOG"
-}
-
 /// One agent per state_dir; `sync` next to a running agent asks it to do the
 /// pass, so one change still restarts the unit exactly once.
 #[test]
@@ -375,4 +297,31 @@ fn sync_next_to_a_running_agent_is_done_by_it_and_a_second_agent_is_refused() {
     let (status, _) = agent.stop();
     assert!(status.success());
     env.assert_state_clean();
+}
+
+/// Operator round 2: a watch name that does not exist is a usage error
+/// (exit 2, like clap's), and `status` says whether an agent runs.
+#[test]
+fn usage_errors_exit_2_and_status_knows_when_no_agent_runs() {
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config(
+        "[watch.permissions]\nfile_mode = \"0644\"\n",
+    ));
+    let cfg = config.to_str().unwrap();
+    let (code, _, err) = env.cmd(&["sync", "--config", cfg, "--watch", "nosuch"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no watch named \"nosuch\"") && err.contains("claude"),
+        "{err}"
+    );
+    let agent = Agent::start(&env, &config);
+    let (_, out, _) = env.cmd(&["status", "--config", cfg]);
+    assert!(out.contains("agent: running, pid"), "{out}");
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    let (_, out, _) = env.cmd(&["status", "--config", cfg]);
+    assert!(out.contains("agent: not running"), "{out}");
 }

@@ -319,6 +319,17 @@ fn stale_handle_of_a_real_process() {
         "{line}"
     );
     assert!(line.contains("systemctl restart bridge.service"), "{line}");
+    // The source is now refused: the worker holds the last good token, and
+    // restarting it would make it read the broken file.
+    write_atomic(&src, "{\"claudeAiOauth\": {}}");
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "warn", "claude stale handles bridge.service");
+    assert!(line.contains("hold the last good token"), "{line}");
+    assert!(
+        line.contains("do not restart bridge.service until a valid file is back"),
+        "{line}"
+    );
+    assert!(!line.contains("fix: systemctl restart"), "{line}");
     worker.kill().unwrap();
     worker.wait().unwrap();
     let (_, out) = d.run(&[]);

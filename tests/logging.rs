@@ -80,6 +80,14 @@ impl Streamed {
     }
 }
 
+impl Drop for Streamed {
+    /// A failed test does not leave its agent running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn run_cmd(env: &Env, config: &std::path::Path, rust_log: &str) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(["run", "--config", config.to_str().unwrap()])
@@ -93,7 +101,9 @@ fn fixture_env() -> (Env, std::path::PathBuf, std::path::PathBuf) {
     let src = env.path("home/.claude/.credentials.json");
     fs::create_dir_all(src.parent().unwrap()).unwrap();
     write_atomic(&src, &creds(1));
-    let config = env.config(&standard_config(""));
+    let config = env.config(&standard_config(
+        "[watch.permissions]\nfile_mode = \"0644\"\n",
+    ));
     (env, src, config)
 }
 
