@@ -1,17 +1,27 @@
 //! cred-watch side by side with the alternatives, in one run:
-//! 1. rename → mode 0644: floor (inotify+fchmod loop), cred-watch,
-//!    `inotifywait | while read; chmod`, and (nspawn) a .path unit + oneshot
-//!    chmod (StartLimitIntervalSec=0) next to cred-watch under systemd;
-//! 2. rename → destination copy: cred-watch vs `inotifywait | install && mv`;
+//! 1. rename → mode 0644: floor (inotify+fchmod loop), cred-watch, the
+//!    previous cred-watch build if given, `inotifywait | while read; chmod`,
+//!    and (nspawn) a .path unit + oneshot chmod (StartLimitIntervalSec=0)
+//!    next to cred-watch under systemd; p50, p90, p99;
+//! 2. rename → destination copy: cred-watch (and the previous build) vs
+//!    `inotifywait | install && mv`;
 //! 3. (nspawn) rename → bridge restarted (settle 0ms): cred-watch vs a .path
 //!    unit whose service runs `systemctl restart`;
 //! 4. a storm of 10,000 renames: final state, restarts, CPU seconds;
-//! 5. idle: RSS, context switches over IDLE_SECS (60), binary size;
-//! 6. scale: 1, 100, 1,000 watched sources: RSS and p99.
+//! 5. idle, side by side: wake-ups over IDLE_SECS (60), RSS, binary size;
+//! 6. scale: 1, 100, 1,000 watched sources: RSS and p99;
+//! 7. CLI-like noise for NOISE_SECS (30): 20 appends/s next to the source,
+//!    2 atomic rewrites/s in its parent, 2 appends/s one level further up;
+//!    CPU and wake-ups of the floor and each cred-watch build.
 //!
-//! Run as root: `cargo deb && tests/e2e/rootfs.sh && cargo bench --bench compare`
-//! (ITERS=300, STORM=10000, IDLE_SECS=60). Writes target/bench/report.md
-//! and target/bench/latency.svg; needs inotify-tools. Without root, the rootfs or
+//! Run as root: `packaging/deb/build.sh && tests/e2e/rootfs.sh && cargo bench --bench compare`
+//! (ITERS=300, STORM=10000, IDLE_SECS=60, NOISE_SECS=30). With
+//! `CRED_WATCH_BENCH_BEFORE=/path/to/old/cred-watch` the previous build runs
+//! as "cred-watch (before)" in rows 1, 2, 5 and 7, interleaved with the
+//! current one; unset, it is skipped with a note. `CRED_WATCH_BENCH_DIR`
+//! puts the trees somewhere quieter than the temp dir (cred-watch watches
+//! every ancestor up to `/`). Writes target/bench/report.md and
+//! target/bench/latency.svg; needs inotify-tools. Without root, the rootfs or
 //! the .deb, the nspawn rows are skipped (and say so).
 
 #[path = "../tests/e2e/container.rs"]
@@ -29,6 +39,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NAME: &str = ".credentials.json";
+const FLOOR: &str = "floor: inotify + fchmod loop";
+const CW: &str = "cred-watch";
+const CW_BEFORE: &str = "cred-watch (before)";
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -125,7 +138,11 @@ fn measure(
         if ok {
             break;
         }
-        assert!(Instant::now() < ready_by, "contender never reacted");
+        assert!(
+            Instant::now() < ready_by,
+            "contender never reacted: {}",
+            watch[0].0.display()
+        );
     }
     let mut out = Samples {
         us: Vec::with_capacity(iters),
@@ -165,15 +182,34 @@ struct Samples {
     lost: usize,
 }
 
-fn stats(s: &mut Samples) -> (f64, f64, usize) {
+/// p50, p90, p99 (µs) and the number of changes lost.
+#[derive(Clone, Copy)]
+struct Pct {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    lost: usize,
+}
+
+fn stats(s: &mut Samples) -> Pct {
     eprintln!("  {} samples, {} lost", s.us.len(), s.lost);
     if s.us.is_empty() {
-        return (f64::NAN, f64::NAN, s.lost);
+        return Pct {
+            p50: f64::NAN,
+            p90: f64::NAN,
+            p99: f64::NAN,
+            lost: s.lost,
+        };
     }
     let v = &mut s.us;
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    (p(0.5), p(0.99), s.lost)
+    Pct {
+        p50: p(0.5),
+        p90: p(0.9),
+        p99: p(0.99),
+        lost: s.lost,
+    }
 }
 
 /// The fields after "(comm) " of each process in process group `pgid`:
@@ -214,9 +250,9 @@ fn cpu_seconds_of_group(pgid: u32) -> f64 {
         .sum()
 }
 
-/// A `/proc/PID/status` field in KiB (VmRSS, RssAnon, …).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
+/// A number from a `/proc` status file (`VmRSS` in KiB, `voluntary_ctxt_switches`, …).
+fn status_num(path: &str, field: &str) -> u64 {
+    fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -227,6 +263,50 @@ fn status_kib(pid: u32, field: &str) -> u64 {
                 .ok()
         })
         .unwrap_or(0)
+}
+
+/// A `/proc/PID/status` field in KiB (VmRSS, RssAnon, …).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    status_num(&format!("/proc/{pid}/status"), field)
+}
+
+/// Wake-ups of the main thread: its voluntary context switches.
+fn main_voluntary(pid: u32) -> u64 {
+    status_num(
+        &format!("/proc/{pid}/task/{pid}/status"),
+        "voluntary_ctxt_switches",
+    )
+}
+
+/// CPU seconds of one process: utime+stime from `/proc/PID/stat` (whole
+/// clock ticks), and the scheduler's runtime summed over its live threads
+/// from `/proc/PID/task/*/schedstat` (nanoseconds).
+fn cpu(pid: u32) -> (f64, f64) {
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1;
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            Some(f.iter().sum::<f64>() / tick)
+        })
+        .unwrap_or(0.0);
+    let sched = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| {
+            let s = fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum::<f64>()
+        / 1e9;
+    (ticks, sched)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -270,10 +350,13 @@ struct Proc(Child);
 
 impl Proc {
     fn spawn(cmd: &mut Command) -> Proc {
+        Proc::spawn_logged(cmd, Stdio::null())
+    }
+    fn spawn_logged(cmd: &mut Command, stderr: impl Into<Stdio>) -> Proc {
         Proc(
             cmd.process_group(0)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(stderr)
                 .spawn()
                 .unwrap(),
         )
@@ -293,12 +376,16 @@ impl Drop for Proc {
 fn cred_watch(bin: &Path, root: &Path, watches: &str) -> Proc {
     let cfg = root.join("cred-watch.toml");
     fs::write(&cfg, format!("[agent]\nstate_dir = \"{}/state\"\nlog_level = \"warn\"\nsettle = \"500ms\"\n{watches}", root.display())).unwrap();
-    Proc::spawn(
-        Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("CRED_WATCH_TEST_RESTART_LOG", root.join("restarts.log")),
-    )
+    // Its log (warnings only) goes outside every watched tree.
+    let logs = root.parent().unwrap().join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    let name = root.file_name().unwrap().to_string_lossy();
+    let log = fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("CRED_WATCH_TEST_RESTART_LOG", root.join("restarts.log"));
+    Proc::spawn_logged(&mut cmd, log)
 }
 
 fn floor_watcher(me: &Path, dir: &Path) -> Proc {
@@ -334,6 +421,299 @@ fn floor(dir: &Path) {
     }
 }
 
+/// What the old agent watched on every ancestor: anything that changes a
+/// directory entry or closes a written file.
+fn all_changes() -> WatchMask {
+    WatchMask::CREATE
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::ATTRIB
+        | WatchMask::DELETE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::ONLYDIR
+}
+
+/// Every directory from each of `dirs` up to `/`, watched for all changes,
+/// to tell whether anything happened where cred-watch looks during a window.
+struct DirMonitor {
+    ino: Inotify,
+    dirs: Vec<(inotify::WatchDescriptor, PathBuf)>,
+}
+
+impl DirMonitor {
+    fn new(dirs: &[&Path]) -> DirMonitor {
+        let ino = Inotify::init().unwrap();
+        let mut watched: Vec<(inotify::WatchDescriptor, PathBuf)> = Vec::new();
+        for a in dirs.iter().flat_map(|d| d.ancestors()) {
+            if watched.iter().any(|(_, p)| p == a) {
+                continue;
+            }
+            if let Ok(wd) = ino.watches().add(a, all_changes()) {
+                watched.push((wd, a.to_path_buf()));
+            }
+        }
+        DirMonitor { ino, dirs: watched }
+    }
+
+    /// Events since the last call, per directory (`?` for a queue overflow).
+    fn take(&mut self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..100_000 {
+            let Ok(events) = self.ino.read_events(&mut buf) else {
+                break;
+            };
+            let mut any = false;
+            for e in events {
+                any = true;
+                let dir = self
+                    .dirs
+                    .iter()
+                    .find(|(w, _)| *w == e.wd)
+                    .map_or("?".to_string(), |(_, p)| p.display().to_string());
+                match out.iter_mut().find(|(d, _)| *d == dir) {
+                    Some((_, n)) => *n += 1,
+                    None => out.push((dir, 1)),
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        out.sort_by_key(|e| std::cmp::Reverse(e.1));
+        out
+    }
+}
+
+fn describe_events(ev: &[(String, usize)]) -> String {
+    if ev.is_empty() {
+        return "none".into();
+    }
+    let total: usize = ev.iter().map(|(_, n)| n).sum();
+    let top: Vec<String> = ev
+        .iter()
+        .take(5)
+        .map(|(d, n)| format!("`{d}` {n}"))
+        .collect();
+    format!("**{total} events** ({})", top.join(", "))
+}
+
+struct Idle {
+    name: &'static str,
+    main_voluntary: u64,
+    all: u64,
+    rss: u64,
+}
+
+struct NoiseRow {
+    name: &'static str,
+    cpu_ticks: f64,
+    cpu_sched: f64,
+    wakeups: u64,
+    all: u64,
+}
+
+struct Noise {
+    text: String,
+    rows: Vec<NoiseRow>,
+}
+
+fn append(p: &Path, bytes: &[u8]) {
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(p)
+        .unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+/// The noise, one tick every 50 ms for `secs`, the same operations on each
+/// tree `up` in rotating order: an append to `up/home/.claude/history.jsonl`
+/// every tick (20/s), an atomic rewrite of `up/home/.claude.json` every 10th
+/// (2/s), an append to `up/.bash_history` every 10th, offset by 5 (2/s).
+/// Bounded by count and by `secs` + 5 s. Returns the operations per tree.
+fn make_noise(ups: &[&Path], secs: u64) -> (usize, usize, usize) {
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs(secs + 5);
+    let blob = format!(
+        "{{\"numStartups\":1,\"projects\":{{{}\"y\":0}}}}",
+        "\"x\":1,".repeat(300)
+    );
+    let (mut a, mut r, mut u) = (0, 0, 0);
+    for k in 0..secs * 20 {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let at = t0 + Duration::from_millis(50 * k);
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        for j in 0..ups.len() {
+            let up = ups[(j + k as usize) % ups.len()];
+            let home = up.join("home");
+            append(
+                &home.join(".claude/history.jsonl"),
+                b"{\"display\":\"noise\",\"pastedContents\":{}}\n",
+            );
+            a += 1;
+            if k % 10 == 0 {
+                let tmp = home.join(format!(".claude.json.tmp.{k}"));
+                fs::write(&tmp, &blob).unwrap();
+                fs::rename(&tmp, home.join(".claude.json")).unwrap();
+                r += 1;
+            }
+            if k % 10 == 5 {
+                append(&up.join(".bash_history"), b"ls -la\n");
+                u += 1;
+            }
+        }
+    }
+    let n = ups.len().max(1);
+    (a / n, r / n, u / n)
+}
+
+/// Row 7, CLI-like noise: each contender watches `noise-K/home/.claude/NAME`
+/// (made 0644 before the window) while `make_noise` writes around it.
+fn noise_section(me: &Path, bin: &Path, before: Option<&Path>, base: &Path, secs: u64) -> Noise {
+    let mut who: Vec<(&'static str, Option<&Path>)> = vec![(FLOOR, None), (CW, Some(bin))];
+    if let Some(b) = before {
+        who.push((CW_BEFORE, Some(b)));
+    }
+    let trees: Vec<(&'static str, PathBuf, Proc)> = who
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, b))| {
+            let up = base.join(format!("noise-{k}"));
+            let src = up.join("home/.claude");
+            fs::create_dir_all(&src).unwrap();
+            let p = match b {
+                None => floor_watcher(me, &src),
+                Some(b) => cred_watch(
+                    b,
+                    &up,
+                    &format!("[[watch]]\nname = \"b\"\nsource = \"{}/{NAME}\"\n[watch.permissions]\nfile_mode = \"0644\"\n", src.display()),
+                ),
+            };
+            (name, up, p)
+        })
+        .collect();
+    // Ready: each one fixes a renamed 0600 file before the window starts.
+    for (name, up, _) in &trees {
+        let src = up.join("home/.claude");
+        let ready = container::wait_until(Duration::from_secs(20), || {
+            if mode_of(&src.join(NAME)) != 0o644 {
+                rename_in(&src, &creds(1));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            mode_of(&src.join(NAME)) == 0o644
+        });
+        assert!(ready, "{name} never fixed the mode");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut monitor = DirMonitor::new(&[base]);
+    let snap = |p: &Proc| (cpu(p.id()), main_voluntary(p.id()), switches(p.id()));
+    let start: Vec<_> = trees.iter().map(|(_, _, p)| snap(p)).collect();
+    let t = Instant::now();
+    let ups: Vec<&Path> = trees.iter().map(|(_, up, _)| up.as_path()).collect();
+    let (a, r, u) = make_noise(&ups, secs);
+    let took = t.elapsed().as_secs_f64();
+    // What the last writes set off is counted too.
+    std::thread::sleep(Duration::from_millis(1500));
+    let rows: Vec<NoiseRow> = trees
+        .iter()
+        .zip(start)
+        .map(|((name, _, p), ((t0, s0), v0, c0))| {
+            let ((t1, s1), v1, c1) = snap(p);
+            NoiseRow {
+                name,
+                cpu_ticks: t1 - t0,
+                cpu_sched: s1 - s0,
+                wakeups: v1 - v0,
+                all: c1 - c0,
+            }
+        })
+        .collect();
+    let shared = monitor.take();
+    let mut text = format!(
+        "\n### 7. CLI-like noise ({secs} s)\n\nSide by side, the same operations on each contender's tree in rotating order, over {took:.1} s: {a} appends (open, append, close) to `history.jsonl` next to the source (20/s), {r} atomic rewrites (temp + rename) of `.claude.json` in the source's parent (2/s), {u} appends to `.bash_history` one directory further up (2/s); nothing touches the source. Counted until 1.5 s after the last write. CPU: utime+stime from `/proc/PID/stat` (whole 10 ms ticks) and the scheduler's runtime of its threads (`/proc/PID/task/*/schedstat`, ns; the ratio uses this one). Wake-ups: voluntary context switches of the main thread.\n\n| contender | CPU utime+stime s | CPU ms (schedstat) | CPU vs floor | main-thread wake-ups | wake-ups vs floor | context switches, all threads |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let floor = rows.iter().find(|n| n.name == FLOOR);
+    for n in &rows {
+        let (fc, fw) = floor.map_or((f64::NAN, f64::NAN), |f| (f.cpu_sched, f.wakeups as f64));
+        let _ = writeln!(
+            text,
+            "| {} | {:.2} | {:.1} | {:.2}× | {} | {:.2}× | {} |",
+            n.name,
+            n.cpu_ticks,
+            n.cpu_sched * 1e3,
+            n.cpu_sched / fc,
+            n.wakeups,
+            n.wakeups as f64 / fw,
+            n.all
+        );
+    }
+    let _ = writeln!(
+        text,
+        "\nChanges meanwhile in the directories all trees share (the bench directory up to `/`; they wake cred-watch, not the floor): {}.",
+        describe_events(&shared)
+    );
+    Noise { text, rows }
+}
+
+/// The issue's targets, from this run's rows.
+fn targets(rows: &[Row], idle: &[Idle], idle_secs: u64, noise: &[NoiseRow]) -> String {
+    let mut t =
+        String::from("\n### Targets\n\n| target | contender | this run | |\n|---|---|---|---|\n");
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let mode = |name: &str| {
+        rows.iter()
+            .find(|r| r.scenario.starts_with("1 ") && r.contender == name)
+    };
+    let noise_of = |name: &str| noise.iter().find(|n| n.name == name);
+    for name in [CW, CW_BEFORE] {
+        if let (Some(f), Some(r)) = (mode(FLOOR), mode(name)) {
+            let (q50, q90) = (r.p50 / f.p50, r.p90 / f.p90);
+            let _ = writeln!(
+                t,
+                "| p50 ≤ 1.1× the floor | {name} | {q50:.2}× ({:.0} vs {:.0} µs) | {} |",
+                r.p50,
+                f.p50,
+                verdict(q50 <= 1.1)
+            );
+            let _ = writeln!(
+                t,
+                "| p90 ≤ 1.2× the floor | {name} | {q90:.2}× ({:.0} vs {:.0} µs) | {} |",
+                r.p90,
+                f.p90,
+                verdict(q90 <= 1.2)
+            );
+        }
+        if let Some(i) = idle.iter().find(|i| i.name == name) {
+            let _ = writeln!(
+                t,
+                "| 0 wake-ups idle (60 s) | {name} | {} main-thread wake-ups, {} context switches in {idle_secs} s | {} |",
+                i.main_voluntary,
+                i.all,
+                verdict(i.main_voluntary == 0 && i.all == 0)
+            );
+        }
+        if let (Some(f), Some(n)) = (noise_of(FLOOR), noise_of(name)) {
+            let q = n.cpu_sched / f.cpu_sched;
+            let _ = writeln!(
+                t,
+                "| CPU under noise ≤ 1.5× the floor | {name} | {q:.2}× ({:.1} vs {:.1} ms) | {} |",
+                n.cpu_sched * 1e3,
+                f.cpu_sched * 1e3,
+                verdict(q <= 1.5)
+            );
+        }
+    }
+    t
+}
+
 fn mode_of(p: &Path) -> u32 {
     fs::metadata(p)
         .map(|m| m.permissions().mode() & 0o777)
@@ -344,8 +724,26 @@ struct Row {
     scenario: &'static str,
     contender: String,
     p50: f64,
+    p90: f64,
     p99: f64,
     lost: usize,
+}
+
+fn row(scenario: &'static str, contender: &str, s: &mut Samples) -> Row {
+    let Pct {
+        p50,
+        p90,
+        p99,
+        lost,
+    } = stats(s);
+    Row {
+        scenario,
+        contender: contender.into(),
+        p50,
+        p90,
+        p99,
+        lost,
+    }
 }
 
 fn mode_latency(iters: usize, dir: &Path) -> Samples {
@@ -375,30 +773,62 @@ fn main() {
     let iters: usize = env_or("ITERS", 300).max(1);
     let storm: usize = env_or("STORM", 10_000);
     let idle_secs: u64 = env_or("IDLE_SECS", 60);
+    let noise_secs: u64 = env_or("NOISE_SECS", 30).max(1);
     let me = std::env::current_exe().unwrap();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_cred-watch"));
-    let work = tempfile::tempdir().unwrap();
-    let base = work.path();
-    let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    // The previous release binary, run next to this one as "cred-watch (before)".
+    let before_bin = match std::env::var_os("CRED_WATCH_BENCH_BEFORE").map(PathBuf::from) {
+        Some(b) if b.is_file() => Some(b),
+        Some(b) => {
+            notes.push(format!(
+                "cred-watch (before) skipped: CRED_WATCH_BENCH_BEFORE={} is not a file",
+                b.display()
+            ));
+            None
+        }
+        None => {
+            notes.push(
+                "cred-watch (before) skipped: set CRED_WATCH_BENCH_BEFORE=/path/to/old/cred-watch to run it"
+                    .into(),
+            );
+            None
+        }
+    };
+    // Where the trees live: every contender's ancestors up to `/` are part of
+    // what cred-watch watches, so a quiet directory keeps the idle and noise
+    // rows about cred-watch (CRED_WATCH_BENCH_DIR, default the temp dir).
+    let work = match std::env::var_os("CRED_WATCH_BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    // CRED_WATCH_BENCH_KEEP=1 leaves the trees and logs behind for a look.
+    let (_work, base_buf) = if std::env::var_os("CRED_WATCH_BENCH_KEEP").is_some() {
+        (None, work.keep())
+    } else {
+        let p = work.path().to_path_buf();
+        (Some(work), p)
+    };
+    let base = base_buf.as_path();
+    let mut rows: Vec<Row> = Vec::new();
     let mut report = String::new();
 
     // 1. rename → mode 0644 on the host.
     let perms = |d: &Path| {
         format!("[[watch]]\nname = \"b\"\nsource = \"{}/claude/{NAME}\"\n[watch.permissions]\nfile_mode = \"0644\"\n", d.display())
     };
-    // The three run side by side, each on its own directory, and are
+    // The contenders run side by side, each on its own directory, and are
     // measured in alternating rounds (only one is exercised at a time; the
     // others sit blocked in read/poll). Pooling the rounds cancels the drift
     // between blocks measured minutes apart, which on this 2-vCPU VM was as
     // large as the gap being measured.
     const ROUNDS: usize = 6;
-    let contenders: Vec<(&str, &str, PathBuf, Proc)> = vec![
+    let mut contenders: Vec<(&str, &str, PathBuf, Proc)> = vec![
         {
             let d = fresh_dir(base, "floor").join("claude");
             let p = floor_watcher(&me, &d);
             (
-                "floor: inotify + fchmod loop",
+                FLOOR,
                 "floor: inotify + fchmod loop (the bench binary)",
                 d,
                 p,
@@ -407,22 +837,27 @@ fn main() {
         {
             let d = fresh_dir(base, "cw-mode");
             let p = cred_watch(&bin, &d, &perms(&d));
-            ("cred-watch", "cred-watch", d.join("claude"), p)
-        },
-        {
-            let d = fresh_dir(base, "script-mode").join("claude");
-            let p = script(&format!(
-                "inotifywait -m -q -e moved_to,close_write --format %f '{0}' | while read -r f; do [ \"$f\" = {NAME} ] && chmod 644 '{0}/{NAME}'; done",
-                d.display()
-            ));
-            (
-                "inotifywait | while read; chmod",
-                "inotifywait | while read; chmod",
-                d,
-                p,
-            )
+            (CW, CW, d.join("claude"), p)
         },
     ];
+    if let Some(old) = &before_bin {
+        let d = fresh_dir(base, "cw-before-mode");
+        let p = cred_watch(old, &d, &perms(&d));
+        contenders.push((CW_BEFORE, CW_BEFORE, d.join("claude"), p));
+    }
+    contenders.push({
+        let d = fresh_dir(base, "script-mode").join("claude");
+        let p = script(&format!(
+            "inotifywait -m -q -e moved_to,close_write --format %f '{0}' | while read -r f; do [ \"$f\" = {NAME} ] && chmod 644 '{0}/{NAME}'; done",
+            d.display()
+        ));
+        (
+            "inotifywait | while read; chmod",
+            "inotifywait | while read; chmod",
+            d,
+            p,
+        )
+    });
     let mut pooled: Vec<Samples> = contenders
         .iter()
         .map(|_| Samples {
@@ -444,55 +879,92 @@ fn main() {
         .iter()
         .map(|(_, label, _, p)| (*label, group_memory(p.id())))
         .collect();
-    let mut cw_proc = None;
-    for ((name, _, _, p), mut samples) in contenders.into_iter().zip(pooled) {
-        let (p50, p99, lost) = stats(&mut samples);
-        rows.push(Row {
-            scenario: "1 rename → mode 0644",
-            contender: name.into(),
-            p50,
-            p99,
-            lost,
-        });
-        if name == "cred-watch" {
-            cw_proc = Some(p);
+    let mut idle_procs = Vec::new();
+    for ((name, _, dir, p), mut samples) in contenders.into_iter().zip(pooled) {
+        rows.push(row("1 rename → mode 0644", name, &mut samples));
+        if [FLOOR, CW, CW_BEFORE].contains(&name) {
+            idle_procs.push((name, dir, p));
         }
     }
-    // 5. idle (the others are stopped now): no resync, no watchdog.
-    let cw_idle = {
-        let p = cw_proc.expect("cred-watch ran");
-        let before = switches(p.id());
+    // 5. idle, side by side (the script is stopped now): no resync, no
+    // watchdog; an all-events watch on every directory up to `/` tells
+    // whether anything changed where cred-watch looks.
+    let idle = {
+        let dirs: Vec<&Path> = idle_procs.iter().map(|(_, d, _)| d.as_path()).collect();
+        let mut monitor = DirMonitor::new(&dirs);
+        let before: Vec<(u64, u64)> = idle_procs
+            .iter()
+            .map(|(_, _, p)| (main_voluntary(p.id()), switches(p.id())))
+            .collect();
         std::thread::sleep(Duration::from_secs(idle_secs));
-        (switches(p.id()) - before, rss_kib(p.id()))
+        let out: Vec<Idle> = idle_procs
+            .iter()
+            .zip(before)
+            .map(|((name, _, p), (v0, s0))| Idle {
+                name,
+                main_voluntary: main_voluntary(p.id()) - v0,
+                all: switches(p.id()) - s0,
+                rss: rss_kib(p.id()),
+            })
+            .collect();
+        (out, monitor.take())
     };
+    drop(idle_procs);
 
-    // 2. rename → copy in place (fsync'd by cred-watch).
-    let copy_latency = |d: &Path| {
+    // 7. CLI-like noise next to the source, nothing changes the source.
+    let noise = noise_section(&me, &bin, before_bin.as_deref(), base, noise_secs);
+
+    // 2. rename → copy in place (fsync'd by cred-watch), the cred-watch
+    // builds side by side in alternating rounds.
+    let copy_latency = |d: &Path, n: usize| {
         let (c, shared) = (d.join("claude"), d.join("shared"));
         let dest = shared.join(NAME);
         let expected = std::cell::RefCell::new(String::new());
         measure(
-            iters,
+            n,
             Duration::from_millis(3),
             &[(&shared, WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE)],
             &mut |i| {
-                *expected.borrow_mut() = creds(i);
-                rename_in(&c, &expected.borrow())
+                // The copy holds this change's access token (cred-watch now
+                // leaves the refresh token out and re-serializes the JSON).
+                *expected.borrow_mut() = format!("\"sk-ant-oat01-bench{i}\"");
+                rename_in(&c, &creds(i))
             },
-            &mut || fs::read_to_string(&dest).is_ok_and(|s| s == *expected.borrow()),
+            &mut || fs::read_to_string(&dest).is_ok_and(|s| s.contains(&*expected.borrow())),
         )
     };
     {
-        let d = fresh_dir(base, "cw-copy");
-        let _p = cred_watch(&bin, &d, &format!("[[watch]]\nname = \"b\"\nsource = \"{0}/claude/{NAME}\"\n[[watch.copy]]\ndest = \"{0}/shared/{NAME}\"\nmode = \"0640\"\n", d.display()));
-        let (p50, p99, lost) = stats(&mut copy_latency(&d));
-        rows.push(Row {
-            scenario: "2 rename → copy in place",
-            contender: "cred-watch".into(),
-            p50,
-            p99,
-            lost,
-        });
+        let copy_cfg = |d: &Path| {
+            format!("[[watch]]\nname = \"b\"\nsource = \"{0}/claude/{NAME}\"\n[[watch.copy]]\ndest = \"{0}/shared/{NAME}\"\nmode = \"0640\"\n", d.display())
+        };
+        let mut cws: Vec<(&str, PathBuf, Proc)> = Vec::new();
+        for (name, b, dir) in [
+            (CW, Some(&bin), "cw-copy"),
+            (CW_BEFORE, before_bin.as_ref(), "cw-before-copy"),
+        ] {
+            if let Some(b) = b {
+                let d = fresh_dir(base, dir);
+                let p = cred_watch(b, &d, &copy_cfg(&d));
+                cws.push((name, d, p));
+            }
+        }
+        let mut pooled: Vec<Samples> = cws
+            .iter()
+            .map(|_| Samples {
+                us: Vec::new(),
+                lost: 0,
+            })
+            .collect();
+        for _ in 0..ROUNDS {
+            for (k, (_, d, _)) in cws.iter().enumerate() {
+                let s = copy_latency(d, iters.div_ceil(ROUNDS));
+                pooled[k].us.extend(s.us);
+                pooled[k].lost += s.lost;
+            }
+        }
+        for ((name, _, _), mut s) in cws.into_iter().zip(pooled) {
+            rows.push(row("2 rename → copy in place", name, &mut s));
+        }
     }
     {
         let d = fresh_dir(base, "script-copy");
@@ -500,14 +972,11 @@ fn main() {
             "inotifywait -m -q -e moved_to,close_write --format %f '{0}/claude' | while read -r f; do [ \"$f\" = {NAME} ] && install -m 0640 '{0}/claude/{NAME}' '{0}/shared/.tmp' && mv '{0}/shared/.tmp' '{0}/shared/{NAME}'; done",
             d.display()
         ));
-        let (p50, p99, lost) = stats(&mut copy_latency(&d));
-        rows.push(Row {
-            scenario: "2 rename → copy in place",
-            contender: "inotifywait | install && mv".into(),
-            p50,
-            p99,
-            lost,
-        });
+        rows.push(row(
+            "2 rename → copy in place",
+            "inotifywait | install && mv",
+            &mut copy_latency(&d, iters),
+        ));
     }
 
     // 4. storm on the host: cred-watch (copy + recorded restarts) vs the script.
@@ -518,14 +987,14 @@ fn main() {
             let dest = d.join("shared").join(NAME);
             let cpu0 = cpu_seconds_of_group(pgid);
             let t = Instant::now();
-            let mut last = String::new();
             for i in 0..storm {
-                last = creds(1_000_000 + i);
-                rename_in(&c, &last);
+                rename_in(&c, &creds(1_000_000 + i));
             }
             let dur = t.elapsed();
+            // The copy holds the last change's access token.
+            let last = format!("\"sk-ant-oat01-bench{}\"", 1_000_000 + storm.max(1) - 1);
             let converged = container::wait_until(Duration::from_secs(30), || {
-                fs::read_to_string(&dest).is_ok_and(|s| s == last)
+                fs::read_to_string(&dest).is_ok_and(|s| s.contains(&last))
             });
             std::thread::sleep(Duration::from_millis(1500));
             let cpu = cpu_seconds_of_group(pgid) - cpu0;
@@ -592,7 +1061,7 @@ fn main() {
         }
         let p = cred_watch(&bin, &d, &watches);
         let probe = d.join(format!("u{}", n / 2));
-        let (p50, p99, _) = stats(&mut mode_latency(iters, &probe));
+        let Pct { p50, p99, .. } = stats(&mut mode_latency(iters, &probe));
         if n == 1 {
             p99_one = p99;
         }
@@ -611,36 +1080,51 @@ fn main() {
     }
 
     // Tables and chart.
-    let mut head = String::from("### 1–3. Latency (µs; ratios against the first row of each scenario)\n\n| scenario | contender | p50 | p99 | p50 ratio | changes lost |\n|---|---|---:|---:|---:|---:|\n");
-    let mut first: Option<(&str, f64)> = None;
+    let mut head = String::from("### 1–3. Latency (µs; ratios against the first row of each scenario)\n\n| scenario | contender | p50 | p90 | p99 | p50 ratio | p90 ratio | changes lost |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+    let mut first: Option<(&str, f64, f64)> = None;
     for r in &rows {
-        if first.is_none_or(|(s, _)| s != r.scenario) {
-            first = Some((r.scenario, r.p50));
+        if first.is_none_or(|(s, _, _)| s != r.scenario) {
+            first = Some((r.scenario, r.p50, r.p90));
         }
-        let base = first.unwrap().1;
+        let (_, b50, b90) = first.unwrap();
         let _ = writeln!(
             head,
-            "| {} | {} | {:.0} | {:.0} | {:.2}× | {} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.2}× | {} |",
             r.scenario,
             r.contender.replace('|', "\\|"),
             r.p50,
+            r.p90,
             r.p99,
-            r.p50 / base,
+            r.p50 / b50,
+            r.p90 / b90,
             r.lost
         );
     }
     let size = fs::metadata(&bin).map(|m| m.len() / 1024).unwrap_or(0);
-    let mut idle = format!(
-        "\n### 5. Idle\n\ncred-watch idle for {idle_secs} s (resync off, no watchdog): **{} context switches** (all threads); RSS {} KiB; stripped binary {size} KiB.\n\nIdle memory side by side (summed over each contender's processes):\n\n| contender | processes | VmRSS KiB | RssAnon KiB | VmRSS vs cred-watch |\n|---|---:|---:|---:|---:|\n",
-        cw_idle.0, cw_idle.1
+    let (idle_rows, idle_events) = &idle;
+    let mut idle_txt = format!(
+        "\n### 5. Idle\n\nSide by side for {idle_secs} s (resync off, no watchdog); wake-ups = voluntary context switches of the main thread. Stripped binary {size} KiB.\n\n| contender | idle window | main-thread wake-ups | context switches, all threads | VmRSS KiB |\n|---|---:|---:|---:|---:|\n"
     );
+    for i in idle_rows {
+        let _ = writeln!(
+            idle_txt,
+            "| {} | {idle_secs} s | {} | {} | {} |",
+            i.name, i.main_voluntary, i.all, i.rss
+        );
+    }
+    let _ = writeln!(
+        idle_txt,
+        "\nChanges seen meanwhile by an all-events watch on every directory from the contenders' sources up to `/`: {}.",
+        describe_events(idle_events)
+    );
+    let _ = writeln!(idle_txt, "\nIdle memory side by side (summed over each contender's processes):\n\n| contender | processes | VmRSS KiB | RssAnon KiB | VmRSS vs cred-watch |\n|---|---:|---:|---:|---:|");
     let cw_rss = idle_memory
         .iter()
-        .find(|(n, _)| *n == "cred-watch")
+        .find(|(n, _)| *n == CW)
         .map_or(1, |(_, m)| m.rss.max(1));
     for (name, m) in &idle_memory {
         let _ = writeln!(
-            idle,
+            idle_txt,
             "| {} | {} | {} | {} | {:.2}× |",
             name.replace('|', "\\|"),
             m.processes,
@@ -649,6 +1133,9 @@ fn main() {
             m.rss as f64 / cw_rss as f64
         );
     }
+    let idle = idle_txt;
+    report.push_str(&noise.text);
+    report.push_str(&targets(&rows, idle_rows, idle_secs, &noise.rows));
     let full = format!("{head}{idle}{report}\n{}\n", notes.join("\n"));
     println!("{full}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
@@ -664,7 +1151,7 @@ fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
         return Err("not root".into());
     }
     let rootfs = container::rootfs().ok_or("no rootfs (tests/e2e/rootfs.sh)")?;
-    let debs = container::deb_dir().ok_or("no .deb (cargo deb)")?;
+    let debs = container::deb_dir().ok_or("no .deb (packaging/deb/build.sh)")?;
     let c = container::Container::boot("cred-watch-bench", &rootfs, &debs);
     c.ok("dpkg -i /mnt/deb/cred-watch_*.deb >/dev/null");
     c.ok("mkdir -p /root/.claude && printf '[Unit]\\nStartLimitIntervalSec=0\\n[Service]\\nExecStart=/bin/sh -c \"echo x >> /run/bridge.starts; exec sleep infinity\"\\n' > /etc/systemd/system/bridge.service");
@@ -695,23 +1182,17 @@ fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
     // 1 under systemd: cred-watch.service, then the path unit.
     set_cfg(&cw_cfg("[watch.permissions]\nfile_mode = \"0644\"\n"));
     c.ok("systemctl restart cred-watch");
-    let (p50, p99, lost) = stats(&mut mode_latency(iters, &dir));
-    rows.push(Row {
-        scenario: "1 rename → mode 0644",
-        contender: "cred-watch.service (nspawn)".into(),
-        p50,
-        p99,
-        lost,
-    });
+    rows.push(row(
+        "1 rename → mode 0644",
+        "cred-watch.service (nspawn)",
+        &mut mode_latency(iters, &dir),
+    ));
     c.ok("systemctl stop cred-watch && systemctl start oldchmod.path");
-    let (p50, p99, lost) = stats(&mut mode_latency(iters, &dir));
-    rows.push(Row {
-        scenario: "1 rename → mode 0644",
-        contender: ".path + oneshot chmod (nspawn)".into(),
-        p50,
-        p99,
-        lost,
-    });
+    rows.push(row(
+        "1 rename → mode 0644",
+        ".path + oneshot chmod (nspawn)",
+        &mut mode_latency(iters, &dir),
+    ));
     c.ok("systemctl stop oldchmod.path");
 
     // 3. rename → bridge restarted (a new process started).
@@ -732,23 +1213,17 @@ fn nspawn_section(iters: usize, rows: &mut Vec<Row>) -> Result<String, String> {
     set_cfg(&cw_cfg(
         "[watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"0s\"\n",
     ));
-    let (p50, p99, lost) = stats(&mut restart_latency("systemctl start cred-watch"));
-    rows.push(Row {
-        scenario: "3 rename → bridge restarted",
-        contender: "cred-watch.service (settle 0ms)".into(),
-        p50,
-        p99,
-        lost,
-    });
+    rows.push(row(
+        "3 rename → bridge restarted",
+        "cred-watch.service (settle 0ms)",
+        &mut restart_latency("systemctl start cred-watch"),
+    ));
     c.ok("systemctl stop cred-watch");
-    let (p50, p99, lost) = stats(&mut restart_latency("systemctl start oldrestart.path"));
-    rows.push(Row {
-        scenario: "3 rename → bridge restarted",
-        contender: ".path + systemctl restart (nspawn)".into(),
-        p50,
-        p99,
-        lost,
-    });
+    rows.push(row(
+        "3 rename → bridge restarted",
+        ".path + systemctl restart (nspawn)",
+        &mut restart_latency("systemctl start oldrestart.path"),
+    ));
     c.ok("systemctl stop oldrestart.path");
 
     // 4 for the path units: final mode, restarts, CPU (PID 1 + the services).

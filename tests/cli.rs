@@ -226,8 +226,9 @@ fn sync_dry_run_then_apply_then_status() {
     let (code, out, _) = env.cmd(&["sync", "--config", cfg]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("refused: invalid JSON"), "{out}");
+    // A watch that does not exist is a usage error (operator round 2).
     let (code, out, _) = env.cmd(&["sync", "--watch", "nope", "--config", cfg]);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 2, "{out}");
     let (code, out, _) = env.cmd(&["status", "--config", cfg]);
     assert_eq!(code, 0);
     assert!(
