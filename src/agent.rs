@@ -425,7 +425,9 @@ impl Agent {
                 .as_ref()
                 .is_some_and(|r| r.units.iter().any(|u| u == unit));
             if uses {
-                let effects = self.trackers[n].on_restart_failed();
+                let name = self.settings.watches[n].name.clone();
+                let rec = self.state.watches.entry(name).or_default();
+                let effects = self.trackers[n].on_restart_failed(rec);
                 self.execute(n, effects, now);
             }
         }

@@ -304,6 +304,9 @@ fn print_watch_status(w: &WatchSettings, st: &State) {
     if let Some(e) = &rec.last_error {
         println!("  last error: {e}");
     }
+    if let Some(why) = &rec.alerted {
+        println!("  alert raised: {why}");
+    }
     if rec.rescued > 0 {
         println!(
             "  RESCUED {} newer credential(s) from copies (a consumer refreshed): see the journal and {}",

@@ -127,6 +127,7 @@ pub fn diagnose(settings: &Settings, users: &[String], query: &mut dyn UnitQuery
         let mut readers: Vec<String> = users.to_vec();
         systemd_ok &= check_units(&mut r, w, query, &mut readers, valid.is_some());
         check_readers(&mut r, w, &readers);
+        check_keeper_state(&mut r, w, &state);
     }
     if systemd_ok {
         check_path_units(&mut r, settings, query);
@@ -688,6 +689,38 @@ fn check_path_units(r: &mut Report, settings: &Settings, query: &mut dyn UnitQue
         r.ok(
             "path units",
             "no enabled .path unit watches a configured source",
+        );
+    }
+}
+
+/// What the agent recorded about `[watch.refresh]` and the alert unit.
+fn check_keeper_state(r: &mut Report, w: &WatchSettings, state: &State) {
+    let rec = state.watches.get(&w.name).cloned().unwrap_or_default();
+    if let Some(refresh) = &w.refresh {
+        let check = format!("{} refresh {}", w.name, refresh.unit);
+        let done = rec.refresh.clone().unwrap_or_default();
+        match &done.last_error {
+            Some(e) => r.add(
+                check,
+                Level::Fail,
+                format!("failed {} time(s) in a row: {e}", done.failures),
+                Some(&format!(
+                    "journalctl -u {0}; try it by hand: systemctl start {0}; then cred-watch status",
+                    refresh.unit
+                )),
+            ),
+            None => r.ok(
+                check,
+                format!("{} refresh(es) so far, none failing", done.refreshes),
+            ),
+        }
+    }
+    if let Some(why) = &rec.alerted {
+        r.add(
+            format!("{} alert", w.name),
+            Level::Warn,
+            format!("an alert was raised: {why}"),
+            Some("see the lines above; it clears once the watch is healthy"),
         );
     }
 }

@@ -71,6 +71,10 @@ pub struct WatchRecord {
     /// re-read of the same file).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub refusals: BTreeMap<String, u64>,
+    /// The problem an alert was raised for (`[agent] alert_unit`), until
+    /// the watch is healthy again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alerted: Option<String>,
     /// `[watch.refresh]`, once it has started its unit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh: Option<RefreshRecord>,

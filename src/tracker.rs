@@ -167,7 +167,7 @@ impl Tracker {
         let mut fx = if self.last_refusal.as_deref() != Some(msg.as_str()) {
             let count = rec.refusals.entry(kind.to_string()).or_default();
             *count = count.saturating_add(1);
-            alert = self.alert("the source was refused");
+            alert = self.alert(rec, "the source was refused");
             vec![
                 Effect::Log(Level::Warn, format!("{}: {msg}", w.name)),
                 Effect::Status(format!("{}: refused a source file", w.name)),
@@ -249,6 +249,7 @@ impl Tracker {
         self.failures = 0;
         self.retry_at = None;
         self.alerted = false;
+        rec.alerted = None;
         rec.last_error = None;
         rec.last_refusal = None;
         fx.extend(self.record(w, rec, &v, now));
@@ -328,14 +329,18 @@ impl Tracker {
 
     /// The alert for a problem, unless one was raised since the watch was
     /// last healthy.
-    fn alert(&mut self, why: &'static str) -> Option<Effect> {
-        (!std::mem::replace(&mut self.alerted, true)).then_some(Effect::Alert(why))
+    fn alert(&mut self, rec: &mut WatchRecord, why: &'static str) -> Option<Effect> {
+        if std::mem::replace(&mut self.alerted, true) {
+            return None;
+        }
+        rec.alerted = Some(why.to_string());
+        Some(Effect::Alert(why))
     }
 
     /// A restart of one of this watch's units failed again after its
     /// first retry.
-    pub fn on_restart_failed(&mut self) -> Vec<Effect> {
-        self.alert("a restart failed").into_iter().collect()
+    pub fn on_restart_failed(&mut self, rec: &mut WatchRecord) -> Vec<Effect> {
+        self.alert(rec, "a restart failed").into_iter().collect()
     }
 
     /// Time passed: the deletion grace, the expiry warning and error, and
@@ -352,7 +357,7 @@ impl Tracker {
                     format_duration(w.deletion_grace)
                 )));
                 fx.push(Effect::Status(format!("{}: source absent", w.name)));
-                fx.extend(self.alert("the source is absent"));
+                fx.extend(self.alert(rec, "the source is absent"));
             }
         }
         if let Some(e) = self.expiry(w, now) {
@@ -361,7 +366,7 @@ impl Tracker {
                 _ => "the token expires soon",
             };
             fx.push(e);
-            fx.extend(self.alert(why));
+            fx.extend(self.alert(rec, why));
         }
         fx.extend(self.refresh_tick(w, rec, now));
         if self.retry_at.is_some_and(|at| now.at >= at) {
@@ -550,7 +555,7 @@ impl Tracker {
             Effect::Status(format!("{}: refresh failed", w.name)),
         ]
         .into_iter()
-        .chain(self.alert("the refresh failed"))
+        .chain(self.alert(rec, "the refresh failed"))
         .collect()
     }
 

@@ -323,7 +323,8 @@ fn sighup_with_an_absurd_duration_keeps_the_agent() {
     write_atomic(&src, &c);
     let dest = env.path("shared/.credentials.json");
     assert!(
-        wait_until(Duration::from_secs(5), || read_json(&dest) == Some(copied(&c))),
+        wait_until(Duration::from_secs(5), || read_json(&dest)
+            == Some(copied(&c))),
         "{}",
         agent.stderr()
     );

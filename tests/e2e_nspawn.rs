@@ -784,9 +784,19 @@ fn alert_unit_on_a_refused_source(c: &Container, _: &mut Shared) {
         include_str!("../packaging/examples/cred-watch-alert@.service"),
     );
     c.ok("systemctl daemon-reload");
+    c.ok("mkdir -p /var/lib/node-exporter-textfile");
     reload_with(
         c,
-        &config_with("alert_unit = \"cred-watch-alert@%i.service\"\n", ""),
+        &config_with(
+            "alert_unit = \"cred-watch-alert@%i.service\"\nmetrics_file = \"/var/lib/node-exporter-textfile/cred-watch.prom\"\n",
+            "",
+        ),
+    );
+    let metrics = || c.ok("cat /var/lib/node-exporter-textfile/cred-watch.prom");
+    assert!(
+        metrics().contains("cred_watch_source_ok{watch=\"claude\"} 1"),
+        "{}",
+        metrics()
     );
     c.write_creds(SRC, "{\"claudeAiOauth\": {}}");
     let alerts = || c.ok("journalctl -t cred-watch-alert -p err --no-pager -o cat");
@@ -799,6 +809,20 @@ fn alert_unit_on_a_refused_source(c: &Container, _: &mut Shared) {
     );
     c.write_creds(SRC, "{\"claudeAiOauth\": 2}");
     c.settled();
+    let m = metrics();
+    assert_no_secret(&m, "metrics");
+    assert!(
+        m.contains("cred_watch_source_ok{watch=\"claude\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("cred_watch_refusals_total{watch=\"claude\",reason=\"missing_key\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("cred_watch_refusals_total{watch=\"claude\",reason=\"wrong_type\"} 1"),
+        "{m}"
+    );
     assert_eq!(
         alerts().lines().count(),
         1,

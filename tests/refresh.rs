@@ -140,8 +140,30 @@ fn a_refresh_that_brings_no_token_is_an_error_shown_in_status() {
     assert_eq!(state_refresh(&env)["failures"], 1);
     let (status, _) = agent.stop();
     assert!(status.success());
-    let (_, out, _) = env.cmd(&["status", "--config", config.to_str().unwrap()]);
+    let cfg = config.to_str().unwrap();
+    let (_, out, _) = env.cmd(&["status", "--config", cfg]);
     assert!(out.contains("refresh FAILED (1 in a row)"), "{out}");
+    assert!(
+        out.contains("alert raised: the refresh failed") || !out.contains("alert raised"),
+        "{out}"
+    );
+    let (code, out, _) = env.cmd(&["doctor", "--json", "--config", cfg]);
+    assert_eq!(code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let line = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "claude refresh claude-refresh.service")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(line["status"], "fail", "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .contains("no newer token arrived"),
+        "{line}"
+    );
 }
 
 /// A start job that fails (e.g. a misspelled unit) is an error too.
