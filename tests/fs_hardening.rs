@@ -129,8 +129,16 @@ fn destination_below_a_swappable_directory_is_refused_and_nothing_is_touched() {
         "[[watch.copy]]\ndest = \"{ROOT}/drop/shared/.credentials.json\"\n",
     ));
     let agent = Agent::start(&env, &config);
-    let (v, d) = (victim.clone(), drop.join("shared"));
-    let swapper = race_for(Duration::from_millis(1500), move || {
+    // Whatever exists there now goes: the race is with the directory's
+    // creation (the old code had created it at start).
+    let _ = fs::remove_dir_all(drop.join("shared"));
+    let (v, d, junk) = (victim.clone(), drop.join("shared"), drop.clone());
+    let mut moved = 0;
+    let swapper = race_for(Duration::from_millis(2000), move || {
+        // The attacker moves away whatever the agent made, puts the victim
+        // in place a moment, and takes it back.
+        moved += 1;
+        let _ = fs::rename(&d, junk.join(format!("away-{moved}")));
         let _ = fs::rename(&v, &d);
         let _ = fs::rename(&d, &v);
     });
