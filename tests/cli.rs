@@ -107,8 +107,7 @@ fn config_from_env_and_dropins() {
 #[test]
 fn sighup_with_bad_config_keeps_the_old_one() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(&fixture("good.toml"));
     let agent = Agent::start(&env, &config);
@@ -157,8 +156,7 @@ fn sighup_with_bad_config_keeps_the_old_one() {
 #[test]
 fn mcp_only_rewrite_copies_but_does_not_restart() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     let base = creds(1);
     write_atomic(&src, &base);
     let config = fixture("good.toml").replace("drop_keys = [\"mcpOAuth\"]", "");
@@ -193,8 +191,7 @@ fn mcp_only_rewrite_copies_but_does_not_restart() {
 #[test]
 fn sync_dry_run_then_apply_then_status() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(&fixture("good.toml"));
     let cfg = config.to_str().unwrap();
@@ -254,8 +251,7 @@ fn sync_dry_run_then_apply_then_status() {
 #[test]
 fn sync_next_to_a_running_agent_is_done_by_it_and_a_second_agent_is_refused() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(&fixture("good.toml").replace("\"100ms\"", "\"300ms\""));
     let cfg = config.to_str().unwrap();
@@ -305,12 +301,9 @@ fn sync_next_to_a_running_agent_is_done_by_it_and_a_second_agent_is_refused() {
 #[test]
 fn usage_errors_exit_2_and_status_knows_when_no_agent_runs() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
-    let config = env.config(&standard_config(
-        "[watch.permissions]\nfile_mode = \"0644\"\n",
-    ));
+    let config = env.config(&standard_config(PERMS_0644));
     let cfg = config.to_str().unwrap();
     let (code, _, err) = env.cmd(&["sync", "--config", cfg, "--watch", "nosuch"]);
     assert_eq!(code, 2, "{err}");

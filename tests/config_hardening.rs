@@ -300,8 +300,7 @@ const LONG_DURATIONS: &[(&str, &str, usize, &str)] = &[
 #[test]
 fn sighup_with_an_absurd_duration_keeps_the_agent() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(BASE);
     let mut agent = Agent::start(&env, &config);

@@ -10,8 +10,7 @@ use std::time::Duration;
 #[test]
 fn a_changed_copy_is_restored_at_once_and_its_readers_restarted() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     let source = creds(1);
     write_atomic(&src, &source);
     let agent = Agent::start(

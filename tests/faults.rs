@@ -191,7 +191,10 @@ fn destination_directory_removed_is_recreated_with_the_configured_mode() {
         0o755,
         "created with dir_mode (default 0755, SPEC version 2)"
     );
-    fs::remove_dir_all(env.path("shared")).unwrap();
+    // Gone in one step (the agent watches the copy and would put it back
+    // while a recursive removal is still under way), then deleted.
+    fs::rename(env.path("shared"), env.path("shared-gone")).unwrap();
+    fs::remove_dir_all(env.path("shared-gone")).unwrap();
     let c = creds(2);
     write_atomic(&src, &c);
     assert!(

@@ -122,8 +122,7 @@ fn destination_below_a_swappable_directory_is_refused_and_nothing_is_touched() {
     set_mode(&drop, 0o777);
     set_mode(&victim, 0o700);
     fs::write(victim.join("marker"), "root's").unwrap();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(&standard_config(
         "[[watch.copy]]\ndest = \"{ROOT}/drop/shared/.credentials.json\"\n",
@@ -185,8 +184,7 @@ fn destination_below_a_swappable_directory_is_refused_and_nothing_is_touched() {
 #[test]
 fn created_destination_directories_belong_to_root_and_foreign_ones_are_refused() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     fs::create_dir_all(env.path("theirs")).unwrap();
     chown(&env.path("theirs"), NOBODY);
@@ -229,8 +227,7 @@ fn squatted_temp_names_do_not_block_copies() {
     let shared = env.path("shared");
     fs::create_dir_all(&shared).unwrap();
     set_mode(&shared, 0o1777);
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     let config = env.config(&standard_config(
         "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
     ));
@@ -285,12 +282,9 @@ fn bounded(env: &Env, args: &[&str], limit: Duration) -> Option<(i32, String)> {
 #[test]
 fn unsafe_state_dir_or_state_file_is_a_start_up_error() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
-    let config = env.config(&standard_config(
-        "[watch.permissions]\nfile_mode = \"0644\"\n",
-    ));
+    let config = env.config(&standard_config(PERMS_0644));
     let config = config.to_str().unwrap();
     let state = env.path("state");
     let file = state.join("state.json");
@@ -364,8 +358,7 @@ fn unsafe_state_dir_or_state_file_is_a_start_up_error() {
 #[test]
 fn rename_storm_with_a_concurrent_reader_logs_no_warning() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(0));
     let agent = Agent::start(
         &env,
@@ -426,8 +419,7 @@ fn tail(log: &str, n: usize) -> String {
 #[test]
 fn reload_with_an_absurd_duration_keeps_the_agent_running() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let perms = "[watch.permissions]\nfile_mode = \"0644\"\n";
     let config = env.config(&standard_config(perms));
@@ -462,8 +454,7 @@ fn reload_with_an_absurd_duration_keeps_the_agent_running() {
 #[test]
 fn trace_logging_never_shows_a_token() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(&standard_config(
         "[watch.permissions]\nfile_mode = \"0644\"\n\n[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\ndrop_keys = [\"mcpOAuth\"]\n\n[watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"0s\"\n",

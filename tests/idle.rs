@@ -22,8 +22,7 @@ fn wakeups(pid: i32) -> u64 {
 #[test]
 fn writes_in_ancestor_directories_do_not_wake_the_agent() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let agent = Agent::start(
         &env,

@@ -17,8 +17,7 @@ fn copied(env: &Env, content: &str) -> bool {
 #[test]
 fn claude_dir_removed_and_recreated() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
     assert!(copied(&env, &creds_at(&src)));
@@ -84,8 +83,7 @@ fn source_absent_at_start_then_created() {
 #[test]
 fn deletion_grace_warns_exactly_once() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
     // /login: delete, round trip, new file, all within the 1s grace.
@@ -116,8 +114,7 @@ fn deletion_grace_warns_exactly_once() {
 #[test]
 fn expiry_warns_once_then_errors_once() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds_exp(1, now_ms() + 2_500));
     let config = standard_config(&format!("expiry_warning = \"2s\"\n{COPY}"));
     let agent = Agent::start(&env, &env.config(&config));
@@ -143,8 +140,7 @@ fn expiry_warns_once_then_errors_once() {
 #[test]
 fn expiry_warning_survives_an_agent_restart() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds_exp(1, now_ms() + 4_000));
     let config = env.config(&standard_config(&format!(
         "expiry_warning = \"2s\"\n{COPY}"
@@ -202,8 +198,7 @@ fn tampered_copy_is_restored_on_sigusr1_and_resync() {
 #[test]
 fn source_owner_mismatch_is_refused() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let me = unsafe { libc::geteuid() };
     let other = if me == 0 { 65534 } else { 0 };

@@ -98,12 +98,9 @@ fn run_cmd(env: &Env, config: &std::path::Path, rust_log: &str) -> Command {
 
 fn fixture_env() -> (Env, std::path::PathBuf, std::path::PathBuf) {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
-    let config = env.config(&standard_config(
-        "[watch.permissions]\nfile_mode = \"0644\"\n",
-    ));
+    let config = env.config(&standard_config(PERMS_0644));
     (env, src, config)
 }
 

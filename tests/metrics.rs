@@ -45,8 +45,7 @@ fn alert_starts(env: &Env) -> Vec<String> {
 fn a_scripted_session_gives_the_expected_metrics_and_alerts() {
     let env = Env::new();
     fs::create_dir_all(env.path("metrics")).unwrap();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     let config = "[agent]\nstate_dir = \"{ROOT}/state\"\nsettle = \"0s\"\nmetrics_file = \"{ROOT}/metrics/cred-watch.prom\"\nalert_unit = \"cred-watch-alert@%i.service\"\n\n\
          [[watch]]\nname = \"claude-1\"\nsource = \"{ROOT}/home/.claude/.credentials.json\"\nexpiry_warning = \"30m\"\nallow_rollback = true\n\n\
          [[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n\n\

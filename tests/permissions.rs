@@ -45,8 +45,7 @@ fn atomic_rename_gets_0644_and_ancestors_gain_search_bits() {
 #[test]
 fn in_place_write_then_chmod_0600_is_fixed_again() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_in_place(&src, &creds(1));
     let agent = Agent::start(&env, &env.config(&standard_config(PERMS)));
     assert_eq!(mode(&src), 0o644, "fixed at start");

@@ -44,8 +44,7 @@ fn restarts_of_bridge(env: &Env) -> usize {
 
 fn setup() -> (Env, PathBuf) {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     (env, src)
 }
 

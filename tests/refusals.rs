@@ -19,8 +19,7 @@ min_interval = "0s"
 
 fn setup() -> (Env, std::path::PathBuf, std::path::PathBuf) {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     fs::create_dir_all(env.path("shared")).unwrap();
     (env, src, std::path::PathBuf::new())
 }

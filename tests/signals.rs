@@ -9,12 +9,9 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn started(env: &Env) -> Agent {
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(env);
     write_atomic(&src, &creds(1));
-    let config = env.config(&standard_config(
-        "[watch.permissions]\nfile_mode = \"0644\"\n",
-    ));
+    let config = env.config(&standard_config(PERMS_0644));
     Agent::start(env, &config)
 }
 

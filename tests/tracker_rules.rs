@@ -1,7 +1,6 @@
 //! The agent and `sync` follow the same per-watch rules (one tracker).
 mod common;
 use common::*;
-use std::fs;
 use std::time::Duration;
 
 const COPY: &str = "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n";
@@ -12,8 +11,7 @@ const COPY: &str = "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n
 #[test]
 fn sync_after_an_agent_refusal_clears_the_refusal() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(&standard_config(COPY));
     let agent = Agent::start(&env, &config);
@@ -44,8 +42,7 @@ fn sync_after_an_agent_refusal_clears_the_refusal() {
 #[test]
 fn a_token_inside_the_warning_window_at_start_is_warned_at_once() {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds_exp(1, now_ms() + 20 * 60_000));
     let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
     assert!(

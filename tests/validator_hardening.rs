@@ -35,8 +35,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     fs::create_dir_all(env.path("shared")).unwrap();
     let config = env.config(&standard_config(WATCH));
     let copy = env.path("shared/.credentials.json");

@@ -275,6 +275,17 @@ impl Drop for Agent {
     }
 }
 
+/// The source of [`standard_config`] (`home/.claude/.credentials.json`),
+/// its directory created.
+pub fn source_path(env: &Env) -> PathBuf {
+    let src = env.path("home/.claude/.credentials.json");
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    src
+}
+
+/// `[watch.permissions]` that makes the source 0644.
+pub const PERMS_0644: &str = "[watch.permissions]\nfile_mode = \"0644\"\n";
+
 /// A standard single-watch setup below the temp root.
 pub fn standard_config(extra_watch: &str) -> String {
     format!(
