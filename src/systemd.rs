@@ -55,9 +55,24 @@ impl ServiceManager for Systemd {
         action: RestartAction,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        zbus::block_on(restart_and_wait(unit, action, timeout))
+        zbus::block_on(restart_and_wait(unit, action, timeout))?;
+        if matches!(
+            action,
+            RestartAction::Restart | RestartAction::ReloadOrRestart
+        ) {
+            // `done` only says the job ran (systemd #22369): a process that
+            // exits at once is still "active" right then. A moment later,
+            // on this worker thread (never the event loop), the unit must
+            // still be running.
+            std::thread::sleep(RUNNING_CHECK_DELAY);
+            zbus::block_on(running_after_restart(unit))?;
+        }
+        Ok(())
     }
 }
+
+/// How long after a `done` restart the unit must still be running.
+const RUNNING_CHECK_DELAY: Duration = Duration::from_millis(500);
 
 async fn restart_and_wait(
     unit: &str,
@@ -112,25 +127,23 @@ async fn restart_and_wait(
             crate::config::format_duration(timeout)
         ),
         Ok(None) => anyhow::bail!("lost the system D-Bus while waiting for the job of {unit}"),
-        // A started oneshot, or a try-restart of a stopped unit, is
-        // rightly not running afterwards.
-        Ok(Some(result))
-            if result == "done"
-                && matches!(action, RestartAction::Start | RestartAction::TryRestart) =>
-        {
-            Ok(())
-        }
-        Ok(Some(result)) if result == "done" => running_after_restart(&conn, unit).await,
+        Ok(Some(result)) if result == "done" => Ok(()),
         Ok(Some(result)) => anyhow::bail!("job for {unit} finished with result {result:?}"),
     }
 }
 
-/// `done` only says the job ran (systemd #22369): a unit whose process
-/// exited at once is not running. Read `ActiveState` once.
-async fn running_after_restart(conn: &zbus::Connection, unit: &str) -> anyhow::Result<()> {
-    let manager = ManagerQueryProxy::new(conn).await?;
+/// Reads `ActiveState` once: a unit whose process exited is not running. (A
+/// started oneshot, or a try-restart of a stopped unit, is rightly not
+/// running afterwards: not asked for those.)
+async fn running_after_restart(unit: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let conn = zbus::connection::Builder::system()
+        .build()
+        .await
+        .context("connecting to the system D-Bus")?;
+    let manager = ManagerQueryProxy::new(&conn).await?;
     let path = manager.load_unit(unit).await?;
-    let proxy: UnitProxy = property_proxy(conn, &path).await?;
+    let proxy: UnitProxy = property_proxy(&conn, &path).await?;
     let state = proxy.active_state().await?;
     match state.as_str() {
         "active" | "activating" | "reloading" => Ok(()),

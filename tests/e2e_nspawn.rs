@@ -435,11 +435,20 @@ fn doctor_on_real_systemd(c: &Container, shared: &mut Shared) {
     );
     assert!(out.contains("ok   agent: running"), "{out}");
     let _restore = OnFailure(|| put_back(c, "systemctl start bridge cred-watch"));
+    // Every owed restart done before the agent stops: nothing restarts the
+    // bridge behind the test's back below.
+    c.settled();
     c.ok("systemctl stop cred-watch");
     let bridge_pid = c.show("bridge", "MainPID");
     c.write_creds(
         SRC,
         &common::creds_exp(20, common::now_ms() + 4 * 3_600_000),
+    );
+    let holds = c.sh(&format!("readlink /proc/{bridge_pid}/fd/3")).1;
+    assert!(
+        holds.trim_end().ends_with("(deleted)"),
+        "the bridge (PID {bridge_pid}, now {}) should hold the replaced file: {holds}",
+        c.show("bridge", "MainPID")
     );
     let (_, out, _) = c.sh("cred-watch doctor");
     assert!(
@@ -698,13 +707,17 @@ fn reload_with(c: &Container, toml: &str) {
     c.settled();
 }
 
-/// The oneshot refresh unit plays the CLI: it writes a newer token (with a
-/// refresh token, mode 0600, by rename) and notes each run.
-const REFRESH_UNIT: &str = r#"[Unit]
-Description=plays claude auth status
-[Service]
-Type=oneshot
-ExecStart=/bin/sh -c 'echo run >> /run/refresh.runs; exp=$(( ($(date +%%s) + 8 * 3600) * 1000 )); umask 077; printf "{\"claudeAiOauth\":{\"accessToken\":\"sk-ant-oat01-refreshed\",\"refreshToken\":\"sk-ant-ort01-refreshed\",\"expiresAt\":%%d,\"scopes\":[\"user:inference\"],\"subscriptionType\":\"max\"}}" $exp > /root/.claude/.credentials.json.tmp.r; mv -f /root/.claude/.credentials.json.tmp.r /root/.claude/.credentials.json'
+/// The oneshot refresh unit plays the CLI (`claude auth status`): it writes
+/// a newer token (with a refresh token, mode 0600, by rename) and notes
+/// each run. The script lives in its own file: no unit-file quoting.
+const REFRESH_UNIT: &str = "[Unit]\nDescription=plays claude auth status\n[Service]\nType=oneshot\nExecStart=/usr/local/bin/fake-claude-auth-status\n";
+const FAKE_CLI: &str = r#"#!/bin/sh
+set -e
+echo run >> /run/refresh.runs
+exp=$(( ($(date +%s) + 8 * 3600) * 1000 ))
+umask 077
+printf '{"claudeAiOauth":{"accessToken":"sk-ant-oat01-refreshed","refreshToken":"sk-ant-ort01-refreshed","expiresAt":%d,"scopes":["user:inference"],"subscriptionType":"max"}}' "$exp" > /root/.claude/.credentials.json.tmp.r
+mv -f /root/.claude/.credentials.json.tmp.r /root/.claude/.credentials.json
 "#;
 
 /// `[watch.refresh]` on real systemd: a token expiring in `ahead` + 3 s is
@@ -715,6 +728,10 @@ fn refresh_through_a_real_oneshot_unit(c: &Container, shared: &mut Shared) {
         c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
         put_back(c, "systemctl reload cred-watch");
     });
+    c.sh_input(
+        "mkdir -p /usr/local/bin && cat > /usr/local/bin/fake-claude-auth-status && chmod 755 /usr/local/bin/fake-claude-auth-status",
+        FAKE_CLI,
+    );
     c.sh_input(
         "cat > /etc/systemd/system/claude-refresh.service",
         REFRESH_UNIT,
