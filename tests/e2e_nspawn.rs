@@ -135,6 +135,7 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
     sync_next_to_the_service after configured_and_started;
     watchdog_pings after configured_and_started;
     broken_configuration_fails_without_a_loop after configured_and_started;
+    reload_with_a_typo_fails_visibly after configured_and_started;
     old_way_side_by_side after configured_and_started;
     dbus_unreachable_then_back after configured_and_started;
     daemon_reexec_during_a_restart after configured_and_started;
@@ -579,6 +580,34 @@ fn broken_configuration_fails_without_a_loop(c: &Container, _: &mut Shared) {
     c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
     c.ok("systemctl restart cred-watch");
     assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
+}
+
+/// `systemctl reload` with a typo in the configuration fails (non-zero,
+/// with the reason) and the agent keeps running its configuration.
+fn reload_with_a_typo_fails_visibly(c: &Container, _: &mut Shared) {
+    let _restore = OnFailure(|| {
+        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+        put_back(c, "systemctl reload cred-watch");
+    });
+    let pid = c.show("cred-watch", "MainPID");
+    c.sh_input(
+        "cat > /etc/cred-watch/cred-watch.toml",
+        &config("0640").replace(
+            "min_interval = \"1s\"",
+            "min_interval = \"1s\"\nmin_intervall = \"1s\"",
+        ),
+    );
+    let (code, out, err) = c.sh("systemctl reload cred-watch");
+    assert_ne!(code, 0, "reload with a typo succeeded: {out}{err}");
+    let j = c.ok("journalctl -u cred-watch --no-pager -o cat -n 20");
+    assert!(
+        j.contains("unknown key"),
+        "the reason is in the journal:\n{j}"
+    );
+    assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
+    assert_eq!(c.show("cred-watch", "MainPID"), pid, "still the same agent");
+    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+    c.ok("systemctl reload cred-watch");
 }
 
 /// The old way side by side, under the same burst: a .path unit with
