@@ -597,27 +597,8 @@ impl Agent {
                 let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
                 (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
             };
-            if sig {
-                // Drain first, then read the flags: a signal that comes
-                // in between wakes the next poll.
-                while matches!((&*sigfd).read(&mut [0; 64]), Ok(n) if n > 0) {}
-                for (signo, flag) in signals {
-                    if !flag.swap(false, Ordering::Relaxed) {
-                        continue;
-                    }
-                    match *signo {
-                        SIGTERM | SIGINT => {
-                            info!("stopping on signal {signo}");
-                            return Ok(());
-                        }
-                        SIGHUP => self.reload(),
-                        SIGUSR1 => {
-                            info!("SIGUSR1: reconciling everything now");
-                            self.reconcile_all("SIGUSR1");
-                        }
-                        _ => {}
-                    }
-                }
+            if sig && self.handle_signals(sigfd, signals) {
+                return Ok(());
             }
             if ino {
                 self.handle_inotify()?;
@@ -630,6 +611,31 @@ impl Agent {
                 self.persist();
             }
         }
+    }
+
+    /// Acts on the signals that arrived; true to stop (SIGTERM/SIGINT).
+    fn handle_signals(&mut self, sigfd: &UnixStream, signals: &[(i32, Arc<AtomicBool>)]) -> bool {
+        // Drain first, then read the flags: a signal that comes in between
+        // wakes the next poll.
+        while matches!((&*sigfd).read(&mut [0; 64]), Ok(n) if n > 0) {}
+        for (signo, flag) in signals {
+            if !flag.swap(false, Ordering::Relaxed) {
+                continue;
+            }
+            match *signo {
+                SIGTERM | SIGINT => {
+                    info!("stopping on signal {signo}");
+                    return true;
+                }
+                SIGHUP => self.reload(),
+                SIGUSR1 => {
+                    info!("SIGUSR1: reconciling everything now");
+                    self.reconcile_all("SIGUSR1");
+                }
+                _ => {}
+            }
+        }
+        false
     }
 
     fn handle_inotify(&mut self) -> anyhow::Result<()> {

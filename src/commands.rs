@@ -304,6 +304,25 @@ fn print_watch_status(w: &WatchSettings, st: &State) {
     if let Some(e) = &rec.last_error {
         println!("  last error: {e}");
     }
+    print_keeper_status(w, &rec);
+    for unit in w.restart.iter().flat_map(|r| &r.units) {
+        let u = st.units.get(unit).cloned().unwrap_or_default();
+        println!(
+            "  unit {unit}: {}, last restart {} ({}), {} restarts",
+            if u.pending {
+                "restart PENDING"
+            } else {
+                "no restart pending"
+            },
+            ago(u.last_restart_ms),
+            u.last_result.as_deref().unwrap_or("-"),
+            u.restarts
+        );
+    }
+}
+
+/// The refresh keeper, alerts and rescued credentials of one watch.
+fn print_keeper_status(w: &WatchSettings, rec: &crate::state::WatchRecord) {
     if let Some(why) = &rec.alerted {
         println!("  alert raised: {why}");
     }
@@ -324,20 +343,6 @@ fn print_watch_status(w: &WatchSettings, st: &State) {
         if let Some(e) = &r.last_error {
             println!("  refresh FAILED ({} in a row): {e}", r.failures);
         }
-    }
-    for unit in w.restart.iter().flat_map(|r| &r.units) {
-        let u = st.units.get(unit).cloned().unwrap_or_default();
-        println!(
-            "  unit {unit}: {}, last restart {} ({}), {} restarts",
-            if u.pending {
-                "restart PENDING"
-            } else {
-                "no restart pending"
-            },
-            ago(u.last_restart_ms),
-            u.last_result.as_deref().unwrap_or("-"),
-            u.restarts
-        );
     }
 }
 

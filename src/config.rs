@@ -1106,19 +1106,9 @@ fn agent_settings(a: RawAgent) -> AgentSettings {
 }
 
 fn validate_watch(w: MergedWatch, sources: &[Source]) -> Result<Checked, ConfigError> {
-    let name_loc = w.name.loc;
+    let name_loc = w.name.loc.clone();
     let at = |key: &str, message: &str| err_at(sources, &name_loc, key, message.into());
-    let source = w
-        .source
-        .ok_or_else(|| at("watch.source", "missing required key `source`"))?;
-    if !names_file(&source.value) {
-        return Err(err_at(
-            sources,
-            &source.loc,
-            "watch.source",
-            "does not name a file".into(),
-        ));
-    }
+    let source = checked_source(w.source.clone(), sources, &name_loc)?;
     let format = w.format.unwrap_or(Format::ClaudeOauth);
     let source_owner = w
         .source_owner
@@ -1168,6 +1158,32 @@ fn validate_watch(w: MergedWatch, sources: &[Source]) -> Result<Checked, ConfigE
         source: source.loc,
         dests,
     })
+}
+
+/// The watch's `source`: required, naming a file.
+fn checked_source(
+    source: Option<At<PathBuf>>,
+    sources: &[Source],
+    watch: &Loc,
+) -> Result<At<PathBuf>, ConfigError> {
+    let missing = || {
+        err_at(
+            sources,
+            watch,
+            "watch.source",
+            "missing required key `source`".into(),
+        )
+    };
+    let source = source.ok_or_else(missing)?;
+    if !names_file(&source.value) {
+        return Err(err_at(
+            sources,
+            &source.loc,
+            "watch.source",
+            "does not name a file".into(),
+        ));
+    }
+    Ok(source)
 }
 
 fn validate_copy(

@@ -587,6 +587,17 @@ fn check_unit(
     } else {
         r.ok(check.clone(), "known and active");
     }
+    check_stale_handles(r, w, unit, info, source_valid);
+}
+
+/// Processes of `unit` that hold a deleted (replaced) credentials file.
+fn check_stale_handles(
+    r: &mut Report,
+    w: &WatchSettings,
+    unit: &str,
+    info: &crate::systemd::UnitInfo,
+    source_valid: bool,
+) {
     let mut paths: Vec<PathBuf> = vec![w.source.clone()];
     paths.extend(w.copies.iter().map(|c| c.dest.clone()));
     let mut stale = Vec::new();

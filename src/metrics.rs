@@ -46,6 +46,8 @@ fn seconds(ms: i64) -> f64 {
     ms as f64 / 1000.0
 }
 
+type Recs<'a> = [(&'a str, crate::state::WatchRecord)];
+
 /// The metrics for `state`. `source_ok(n)`: watch `n`'s source is present,
 /// valid and applied.
 pub fn render(settings: &Settings, state: &State, source_ok: &dyn Fn(usize) -> bool) -> String {
@@ -60,45 +62,10 @@ pub fn render(settings: &Settings, state: &State, source_ok: &dyn Fn(usize) -> b
             )
         })
         .collect();
-    let name = "cred_watch_token_expiry_timestamp_seconds";
-    let mut f = Family::new(
-        &mut out,
-        name,
-        "gauge",
-        "When the token last applied expires (Unix time).",
-    );
-    for (watch, rec) in &recs {
-        if let Some(ms) = rec.expires_at_ms {
-            f.sample(name, &[("watch", watch)], seconds(ms));
-        }
-    }
-    let name = "cred_watch_last_applied_timestamp_seconds";
-    let mut f = Family::new(
-        &mut out,
-        name,
-        "gauge",
-        "When a new credential was last applied (Unix time).",
-    );
-    for (watch, rec) in &recs {
-        if let Some(ms) = rec.applied_at_ms {
-            f.sample(name, &[("watch", watch)], seconds(ms));
-        }
-    }
-    let name = "cred_watch_source_ok";
-    let mut f = Family::new(
-        &mut out,
-        name,
-        "gauge",
-        "1 when the source is present, valid and applied, else 0.",
-    );
-    for (n, (watch, _)) in recs.iter().enumerate() {
-        f.sample(
-            name,
-            &[("watch", watch)],
-            if source_ok(n) { 1.0 } else { 0.0 },
-        );
-    }
-    counters(&mut out, settings, state, &recs);
+    gauges(&mut out, &recs, source_ok);
+    refusals(&mut out, &recs);
+    restarts(&mut out, settings, state);
+    refreshes(&mut out, settings, &recs);
     let name = "cred_watch_last_reconcile_timestamp_seconds";
     let mut f = Family::new(
         &mut out,
@@ -112,12 +79,48 @@ pub fn render(settings: &Settings, state: &State, source_ok: &dyn Fn(usize) -> b
     out
 }
 
-fn counters(
-    out: &mut String,
-    settings: &Settings,
-    state: &State,
-    recs: &[(&str, crate::state::WatchRecord)],
-) {
+fn gauges(out: &mut String, recs: &Recs, source_ok: &dyn Fn(usize) -> bool) {
+    let name = "cred_watch_token_expiry_timestamp_seconds";
+    let mut f = Family::new(
+        out,
+        name,
+        "gauge",
+        "When the token last applied expires (Unix time).",
+    );
+    for (watch, rec) in recs {
+        if let Some(ms) = rec.expires_at_ms {
+            f.sample(name, &[("watch", watch)], seconds(ms));
+        }
+    }
+    let name = "cred_watch_last_applied_timestamp_seconds";
+    let mut f = Family::new(
+        out,
+        name,
+        "gauge",
+        "When a new credential was last applied (Unix time).",
+    );
+    for (watch, rec) in recs {
+        if let Some(ms) = rec.applied_at_ms {
+            f.sample(name, &[("watch", watch)], seconds(ms));
+        }
+    }
+    let name = "cred_watch_source_ok";
+    let mut f = Family::new(
+        out,
+        name,
+        "gauge",
+        "1 when the source is present, valid and applied, else 0.",
+    );
+    for (n, (watch, _)) in recs.iter().enumerate() {
+        f.sample(
+            name,
+            &[("watch", watch)],
+            if source_ok(n) { 1.0 } else { 0.0 },
+        );
+    }
+}
+
+fn refusals(out: &mut String, recs: &Recs) {
     let name = "cred_watch_refusals_total";
     let mut f = Family::new(out, name, "counter", "Source files refused, by reason.");
     for (watch, rec) in recs {
@@ -125,6 +128,9 @@ fn counters(
             f.sample(name, &[("watch", watch), ("reason", reason)], *count as f64);
         }
     }
+}
+
+fn restarts(out: &mut String, settings: &Settings, state: &State) {
     let name = "cred_watch_restarts_total";
     let mut f = Family::new(
         out,
@@ -152,6 +158,9 @@ fn counters(
             u.failed_total as f64,
         );
     }
+}
+
+fn refreshes(out: &mut String, settings: &Settings, recs: &Recs) {
     let name = "cred_watch_refresh_total";
     let mut f = Family::new(
         out,
