@@ -264,6 +264,7 @@ impl Agent {
                 .entry(unit.clone())
                 .or_default()
                 .owe(now.wall_ms);
+            info!("restart of {unit} {}", self.sched.when(unit, now.at));
         }
         self.dirty = true;
     }
@@ -713,7 +714,7 @@ fn trackers(settings: &Settings, state: &State) -> Vec<Tracker> {
     settings
         .watches
         .iter()
-        .map(|w| Tracker::new(state.watches.get(&w.name), settings.agent.settle))
+        .map(|w| Tracker::new(state.watches.get(&w.name)))
         .collect()
 }
 

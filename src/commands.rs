@@ -95,7 +95,7 @@ fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool, rescue_dir: &Pat
     if dry_run {
         return (healthy, false);
     }
-    let mut tracker = Tracker::new(Some(rec), Duration::ZERO);
+    let mut tracker = Tracker::new(Some(rec));
     let effects = tracker.on_read(w, rec, result, true, Now::current());
     let restart = effects.iter().any(|e| matches!(e, Effect::Restart(_)));
     (healthy, restart)

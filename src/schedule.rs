@@ -121,6 +121,36 @@ impl Scheduler {
         Some(at)
     }
 
+    /// When `unit`'s owed restart will really happen, in words: after the
+    /// quiet period, held back by `min_interval` or a failure's backoff,
+    /// or after the restart under way.
+    pub fn when(&self, unit: &str, now: Instant) -> String {
+        let Some(u) = self.units.get(unit) else {
+            return "not owed".into();
+        };
+        if u.in_flight {
+            return "once the restart under way has finished".into();
+        }
+        let Some(at) = self.due_at(u) else {
+            return "not owed".into();
+        };
+        let wait = crate::config::format_duration(at.saturating_duration_since(now));
+        let quiet = u.not_before.is_some_and(|nb| at <= nb) && u.failures == 0;
+        if quiet {
+            format!(
+                "in {wait} (after {} quiet)",
+                crate::config::format_duration(self.settle)
+            )
+        } else if u.failures > 0 {
+            format!("in {wait} (backoff after {} failure(s))", u.failures)
+        } else {
+            format!(
+                "in {wait} (min_interval {} since its last restart)",
+                crate::config::format_duration(u.plan.min_interval)
+            )
+        }
+    }
+
     /// When the next restart is due, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.units.values().filter_map(|u| self.due_at(u)).min()

@@ -86,8 +86,6 @@ pub struct Tracker {
     expiry_errored: Option<i64>,
     /// `expiresAt` last applied (mirrors the state record).
     expires_at: Option<i64>,
-    /// Quiet period before restarts, for the log line only.
-    settle: Duration,
     /// An alert was raised for the current problem (`[agent] alert_unit`):
     /// not again until the watch has been healthy.
     alerted: bool,
@@ -96,10 +94,9 @@ pub struct Tracker {
 
 impl Tracker {
     /// A tracker that continues from the state's record.
-    pub fn new(rec: Option<&WatchRecord>, settle: Duration) -> Tracker {
+    pub fn new(rec: Option<&WatchRecord>) -> Tracker {
         Tracker {
             expires_at: rec.and_then(|r| r.expires_at_ms),
-            settle,
             ..Tracker::default()
         }
     }
@@ -313,11 +310,12 @@ impl Tracker {
                 w.name
             ))),
             Some(r) => {
+                // When it really happens (settle, min_interval, a restart
+                // under way) is the scheduler's to say.
                 fx.push(info(format!(
-                    "{}: {action}; restart of {} scheduled after {} quiet",
+                    "{}: {action}; restart of {} owed",
                     w.name,
-                    r.units.join(", "),
-                    format_duration(self.settle)
+                    r.units.join(", ")
                 )));
                 fx.push(Effect::Restart(r.units.clone()));
             }

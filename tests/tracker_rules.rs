@@ -54,3 +54,37 @@ fn a_token_inside_the_warning_window_at_start_is_warned_at_once() {
     let (status, _) = agent.stop();
     assert!(status.success());
 }
+
+/// Operator round 2: the log says when a restart really happens: after the
+/// quiet period for the first change, held back by `min_interval` after a
+/// restart (not "after 100ms quiet" for every line of a burst).
+#[test]
+fn restart_log_lines_say_when_the_restart_really_happens() {
+    let env = Env::new();
+    let src = source_path(&env);
+    write_atomic(&src, &creds(1));
+    let agent = Agent::start(
+        &env,
+        &env.config(&standard_config(
+            "[watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"30s\"\n",
+        )),
+    );
+    write_atomic(&src, &creds(2));
+    assert!(
+        agent.wait_log("(after 100ms quiet)", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(5), || env.restarts().len() == 1));
+    write_atomic(&src, &creds(3));
+    assert!(
+        agent.wait_log(
+            "(min_interval 30s since its last restart)",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        agent.stderr()
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}

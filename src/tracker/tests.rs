@@ -64,7 +64,7 @@ fn restarts(fx: &[Effect]) -> usize {
 fn first_sight_is_adopted_and_a_change_owes_a_restart() {
     let (w, now) = (watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::from_millis(500));
+    let mut t = Tracker::new(None);
     let fx = t.on_read(&w, &mut rec, valid(1, T0 + 3_600_000, true), true, now);
     assert_eq!(restarts(&fx), 0, "{fx:?}");
     assert!(logs(&fx, Level::Info)[0].contains("adopted without a restart"));
@@ -94,7 +94,7 @@ fn first_sight_is_adopted_and_a_change_owes_a_restart() {
 fn format_warnings_once_per_credential_tampering_every_time() {
     let (w, now) = (watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     let tampered = || {
         valid(1, T0 + 3_600_000, false).map(|r| match r {
             Reconciled::Applied(mut v) => {
@@ -116,7 +116,7 @@ fn format_warnings_once_per_credential_tampering_every_time() {
 fn a_refusal_is_warned_once_and_cleared_by_a_good_file() {
     let (w, now) = (watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     let refused = || Ok(Reconciled::Invalid(Refusal::Missing("accessToken")));
     let fx = t.on_read(&w, &mut rec, refused(), true, now);
     assert_eq!(logs(&fx, Level::Warn).len(), 1);
@@ -145,7 +145,7 @@ fn a_refusal_is_warned_once_and_cleared_by_a_good_file() {
 fn deletion_grace_warns_once_after_the_grace() {
     let (w, now) = (watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     let fx = t.on_read(&w, &mut rec, Ok(Reconciled::Absent), true, now);
     assert!(logs(&fx, Level::Info)[0].contains("is absent"));
     assert_eq!(
@@ -173,7 +173,7 @@ fn deletion_grace_warns_once_after_the_grace() {
 fn expiry_warns_then_errors_once_each() {
     let (w, now) = (watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     t.on_read(&w, &mut rec, valid(1, T0 + 120 * 60_000, true), true, now);
     let warn_at = now.plus(90 * MIN);
     assert_eq!(t.next_deadline(&w, now), Some(warn_at.at));
@@ -197,7 +197,7 @@ fn expiry_warns_then_errors_once_each() {
 fn a_token_applied_inside_the_warning_window_is_warned_about_at_once() {
     let (w, now) = (watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     t.on_read(&w, &mut rec, valid(1, T0 + 20 * 60_000, true), true, now);
     let due = t.next_deadline(&w, now).unwrap();
     assert!(due <= now.at, "deadline {due:?} is after now");
@@ -205,7 +205,7 @@ fn a_token_applied_inside_the_warning_window_is_warned_about_at_once() {
     assert!(logs(&fx, Level::Warn)[0].contains("(in 20m)"), "{fx:?}");
     assert_eq!(t.next_deadline(&w, now), Some(now.plus(20 * MIN).at));
     // Also when the agent starts with such a token in its state.
-    let t = Tracker::new(Some(&rec), Duration::ZERO);
+    let t = Tracker::new(Some(&rec));
     assert!(t.next_deadline(&w, now).is_some_and(|d| d <= now.at));
 }
 
@@ -213,7 +213,7 @@ fn a_token_applied_inside_the_warning_window_is_warned_about_at_once() {
 fn failed_actions_are_retried_with_backoff_and_do_not_advance_the_state() {
     let (w, now) = (watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     let failing = || {
         valid(1, T0 + 3_600_000, true).map(|r| match r {
             Reconciled::Applied(mut v) => {
@@ -251,7 +251,7 @@ fn failed_actions_are_retried_with_backoff_and_do_not_advance_the_state() {
 fn rollback_bookkeeping_keeps_the_last_applied_credential() {
     let (w, now) = (watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     t.on_read(&w, &mut rec, valid(2, T0 + 7_200_000, true), true, now);
     let applied = rec.applied().unwrap();
     assert_eq!(applied.fingerprint, Fingerprint::of(&[2]));
@@ -295,7 +295,7 @@ fn starts(fx: &[Effect]) -> usize {
 fn refresh_starts_once_ahead_of_expiry_and_a_newer_token_ends_it() {
     let (w, now) = (refreshing_watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     let exp = T0 + 60 * 60_000;
     t.on_read(&w, &mut rec, valid(1, exp, true), true, now);
     let due = now.plus(56 * MIN);
@@ -341,7 +341,7 @@ fn refresh_starts_once_ahead_of_expiry_and_a_newer_token_ends_it() {
 fn a_refresh_that_brings_nothing_fails_and_backs_off() {
     let (w, now) = (refreshing_watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     let exp = T0 + 3 * 60_000;
     // Applied inside `ahead`: due at once.
     t.on_read(&w, &mut rec, valid(1, exp, true), true, now);
@@ -387,7 +387,7 @@ fn a_refresh_that_brings_nothing_fails_and_backs_off() {
 fn nothing_is_started_while_absent_or_refused_or_after_an_interactive_refresh() {
     let (w, now) = (refreshing_watch(), start());
     let mut rec = WatchRecord::default();
-    let mut t = Tracker::new(None, Duration::ZERO);
+    let mut t = Tracker::new(None);
     let exp = T0 + 60 * 60_000;
     t.on_read(&w, &mut rec, valid(1, exp, true), true, now);
     // Someone ran the CLI: a newer token before the refresh was due.
