@@ -7,7 +7,7 @@ use crate::config::{self, Settings};
 use crate::metrics;
 use crate::notify::{self, Notifier};
 use crate::reconcile::{reconcile, Inputs};
-use crate::schedule::{Plan, Scheduler};
+use crate::schedule::{Need, Plan, Scheduler};
 use crate::state::{self, now_ms, State};
 use crate::systemd::{ServiceManager, Worker};
 use crate::tracker::{Effect, Now, Tracker};
@@ -110,6 +110,7 @@ impl Agent {
         self.restore_restarts();
         self.arm_all()?;
         self.reconcile_all("start");
+        self.check_units_in_sync();
         self.persist();
         let status = self.summary();
         self.notifier.send(&format!("READY=1\nSTATUS={status}"));
@@ -245,7 +246,7 @@ impl Agent {
             match effect {
                 Effect::Log(level, message) => log::log!(level, "{message}"),
                 Effect::Status(status) => self.set_status(&status),
-                Effect::Restart(units) => self.owe_restarts(n, &units, now),
+                Effect::Restart(units, need) => self.owe_restarts(n, &units, need, now),
                 Effect::Reread => self.process(n, true),
                 Effect::StartRefresh(unit) => self.start_refresh(n, unit),
                 Effect::Alert(why) => self.alert(n, why),
@@ -253,20 +254,56 @@ impl Agent {
         }
     }
 
-    fn owe_restarts(&mut self, n: usize, units: &[String], now: Now) {
+    /// Units owe a restart for `need`. A must is recorded (it survives an
+    /// agent restart); a check only asks the worker to compare the unit's
+    /// start time with when the credential was written.
+    fn owe_restarts(&mut self, n: usize, units: &[String], need: Need, now: Now) {
         let Some(r) = &self.settings.watches[n].restart else {
             return;
         };
         for unit in units {
-            self.sched.request(unit, plan(r), now.at);
-            self.state
-                .units
-                .entry(unit.clone())
-                .or_default()
-                .owe(now.wall_ms);
-            info!("restart of {unit} {}", self.sched.when(unit, now.at));
+            self.sched.request(unit, plan(r), need, now.at);
+            if need.must {
+                let rec = self.state.units.entry(unit.clone()).or_default();
+                rec.owe(now.wall_ms);
+                info!("restart of {unit} {}", self.sched.when(unit, now.at));
+                self.dirty = true;
+            } else {
+                debug!("{unit}: restart only if it started before the credential was written");
+            }
         }
-        self.dirty = true;
+    }
+
+    /// Restarts follow state: after a start or a reload, every unit is
+    /// checked against the credential it should use (a change made while
+    /// the agent was down, a unit added or fixed by a reload, a bridge
+    /// older than the current token); the worker restarts only those
+    /// started before it was written.
+    fn check_units_in_sync(&mut self) {
+        let now = Now::current();
+        for n in 0..self.trackers.len() {
+            let w = &self.settings.watches[n];
+            let (Some(r), Some(written)) = (
+                &w.restart,
+                self.state
+                    .watches
+                    .get(&w.name)
+                    .and_then(|rec| rec.written_ms),
+            ) else {
+                continue;
+            };
+            let units: Vec<String> = r
+                .units
+                .iter()
+                .filter(|u| !self.sched.is_pending(u))
+                .cloned()
+                .collect();
+            let need = Need {
+                written_ms: Some(written),
+                must: false,
+            };
+            self.owe_restarts(n, &units, need, now);
+        }
     }
 
     fn start_refresh(&mut self, n: usize, unit: String) {
@@ -282,8 +319,11 @@ impl Agent {
             "{}: refreshing through {unit}",
             self.settings.watches[n].name
         ));
-        self.worker
-            .submit(vec![crate::schedule::Job { unit, plan }]);
+        self.worker.submit(vec![crate::schedule::Job {
+            unit,
+            plan,
+            need: Need::default(),
+        }]);
     }
 
     /// Starts `[agent] alert_unit` for watch `n` (`%i`: its escaped name).
@@ -299,8 +339,11 @@ impl Agent {
             timeout: Duration::from_secs(30),
             min_interval: Duration::ZERO,
         };
-        self.worker
-            .submit(vec![crate::schedule::Job { unit, plan }]);
+        self.worker.submit(vec![crate::schedule::Job {
+            unit,
+            plan,
+            need: Need::default(),
+        }]);
     }
 
     /// A refresh unit's start job finished: to the watch that started it.
@@ -389,6 +432,22 @@ impl Agent {
                 self.refresh_outcome(&out.unit, out.result);
                 continue;
             }
+            if out.skipped {
+                self.sched.finished(&out.unit, true, now.at);
+                if !self.sched.is_pending(&out.unit) {
+                    self.state
+                        .units
+                        .entry(out.unit.clone())
+                        .or_default()
+                        .in_sync();
+                }
+                info!(
+                    "{} started after the credential it reads was written: in sync, not restarted",
+                    out.unit
+                );
+                self.dirty = true;
+                continue;
+            }
             let backoff = self.sched.finished(&out.unit, out.result.is_ok(), now.at);
             let still_owed = self.sched.is_pending(&out.unit);
             let failures = self.sched.failures(&out.unit);
@@ -468,6 +527,7 @@ impl Agent {
                     error!("reload: {e:#}");
                 }
                 self.reconcile_all("reload");
+                self.check_units_in_sync();
             }
         }
         self.notifier

@@ -5,6 +5,7 @@ use crate::clock;
 use crate::config::{format_duration, Settings, WatchSettings};
 use crate::fsutil::{self, FsError};
 use crate::reconcile::{reconcile, Inputs, Reconciled};
+use crate::schedule::Need;
 use crate::state::{self, now_ms, State};
 use crate::systemd::ServiceManager;
 use crate::tracker::{Effect, Now, Tracker};
@@ -54,9 +55,9 @@ pub fn sync(
         .iter()
         .filter(|w| only.is_none_or(|n| n == w.name))
     {
-        let (ok, restart) = sync_watch(w, &mut st, dry_run, dir);
+        let (ok, need) = sync_watch(w, &mut st, dry_run, dir);
         healthy &= ok;
-        healthy &= sync_restarts(w, &mut st, restart, &mut manager);
+        healthy &= sync_restarts(w, &mut st, need, &mut manager);
     }
     if !dry_run {
         st.agent.last_reconcile_ms = Some(now_ms());
@@ -71,7 +72,7 @@ pub fn sync(
 }
 
 /// Reconciles one watch and records it. Returns (healthy, restart owed).
-fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool, rescue_dir: &Path) -> (bool, bool) {
+fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool, rescue_dir: &Path) -> (bool, Need) {
     let (dir_path, _) = w.source_dir_and_name();
     let rec = st.watches.entry(w.name.clone()).or_default();
     let last = rec.applied();
@@ -80,7 +81,7 @@ fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool, rescue_dir: &Pat
         Err(FsError::Missing(_)) => None,
         Err(e) => {
             println!("{}: {e}", w.name);
-            return (false, false);
+            return (false, Need::default());
         }
     };
     let dir = dir_fd.as_ref().map(|f| f.as_fd());
@@ -93,12 +94,18 @@ fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool, rescue_dir: &Pat
     let result = reconcile(w, dir, &ctx);
     let healthy = print_outcome(w, &result, dry_run);
     if dry_run {
-        return (healthy, false);
+        return (healthy, Need::default());
     }
     let mut tracker = Tracker::new(Some(rec));
     let effects = tracker.on_read(w, rec, result, true, Now::current());
-    let restart = effects.iter().any(|e| matches!(e, Effect::Restart(_)));
-    (healthy, restart)
+    let need = effects.iter().fold(Need::default(), |acc, e| match e {
+        Effect::Restart(_, need) => Need {
+            written_ms: acc.written_ms.max(need.written_ms),
+            must: acc.must || need.must,
+        },
+        _ => acc,
+    });
+    (healthy, need)
 }
 
 /// Says what one reconcile found; returns whether the watch is healthy.
@@ -157,24 +164,42 @@ fn print_outcome(w: &WatchSettings, result: &Result<Reconciled, FsError>, dry_ru
 
 /// Restarts the watch's units that are owed one (now, or still pending
 /// from the agent). Returns false when one failed.
+/// Restarts follow state, as in the agent: a unit is restarted when it
+/// started before the credential it should use was written (or, where
+/// that cannot be known, when a new credential or a pending restart owes
+/// it one). So "in sync" means the units are too.
 fn sync_restarts(
     w: &WatchSettings,
     st: &mut State,
-    changed: bool,
+    need: Need,
     manager: &mut Option<Box<dyn ServiceManager>>,
 ) -> bool {
     let Some(r) = &w.restart else { return true };
+    let written = st.watches.get(&w.name).and_then(|rec| rec.written_ms);
     let mut healthy = true;
     for unit in &r.units {
-        let owed = changed || st.units.get(unit).is_some_and(|u| u.pending);
-        if !owed {
-            continue;
-        }
+        let pending = st.units.get(unit).is_some_and(|u| u.pending);
+        let need = Need {
+            written_ms: need.written_ms.max(written),
+            must: need.must || pending,
+        };
         let Some(manager) = manager.as_mut() else {
-            println!("{}: would restart {unit}", w.name);
+            if need.must {
+                println!("{}: would restart {unit}", w.name);
+            }
             continue;
         };
         let u = st.units.entry(unit.clone()).or_default();
+        if !crate::systemd::restart_needed(manager.as_mut(), unit, need) {
+            if need.must || need.written_ms.is_some_and(|_| pending) {
+                println!(
+                    "{}: {unit} started after the credential was written: in sync",
+                    w.name
+                );
+            }
+            u.in_sync();
+            continue;
+        }
         match manager.restart(unit, r.action, r.timeout) {
             Ok(()) => {
                 println!("{}: restarted {unit}", w.name);

@@ -16,11 +16,16 @@ use std::time::Duration;
 pub const RECORD_ENV: &str = "CRED_WATCH_TEST_RESTART_LOG";
 /// With the recorder: comma-separated units whose restarts fail.
 pub const RECORD_FAIL_ENV: &str = "CRED_WATCH_TEST_RESTART_FAIL";
+/// With the recorder: a file of `unit start-ms` lines, when units were
+/// started before any recorded restart (read on each question).
+pub const RECORD_STARTED_ENV: &str = "CRED_WATCH_TEST_STARTED_AT";
 /// Environment variable naming a JSON file that answers [`UnitQuery`]:
 /// `{"units": {"x.service": {...UnitInfo}}, "path_units": {"old.path": ["/p"]}}`,
 /// a unit as `{"load_state": "loaded", "active_state": "active", "user": "bot",
-/// "group": "claude", "environment": ["K=V"], "environment_files":
-/// [["/etc/x.env", true]], "pids": [7]}` (every key optional).
+/// "group": "claude", "supplementary_groups": ["claude-credentials"],
+/// "main_pid": 7, "environment": ["K=V"], "environment_files":
+/// [["/etc/x.env", true]], "pids": [7, 8]}` (every key optional; doctor reads
+/// the real `/proc/PID/status` of `main_pid` and `pids`).
 pub const UNITS_FIXTURE_ENV: &str = "CRED_WATCH_TEST_UNITS";
 
 /// Records restarts instead of performing them.
@@ -29,6 +34,8 @@ pub struct Recorder {
     pub path: PathBuf,
     /// Units whose restarts are recorded as failed.
     pub fail: Vec<String>,
+    /// [`RECORD_STARTED_ENV`]: start times of units before this run.
+    pub started: Option<PathBuf>,
 }
 
 impl Recorder {
@@ -43,11 +50,36 @@ impl Recorder {
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect(),
+            started: std::env::var_os(RECORD_STARTED_ENV).map(PathBuf::from),
         })
     }
 }
 
+impl Recorder {
+    /// The last time the recorder restarted `unit`, from its own log.
+    fn last_restart_ms(&self, unit: &str) -> Option<i64> {
+        let log = std::fs::read_to_string(&self.path).ok()?;
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["unit"] == unit && v["result"] == "done" && v["method"] != "StartUnit")
+            .filter_map(|v| v["at_ms"].as_i64())
+            .max()
+    }
+}
+
 impl ServiceManager for Recorder {
+    /// A unit restarted by the recorder started then; before that, what
+    /// [`RECORD_STARTED_ENV`] says; else unknown.
+    fn started_at_ms(&mut self, unit: &str) -> Option<i64> {
+        self.last_restart_ms(unit).or_else(|| {
+            let text = std::fs::read_to_string(self.started.as_ref()?).ok()?;
+            text.lines().find_map(|l| {
+                let (u, ms) = l.split_once(' ')?;
+                (u == unit).then(|| ms.trim().parse().ok()).flatten()
+            })
+        })
+    }
+
     fn restart(&mut self, unit: &str, action: RestartAction, _: Duration) -> anyhow::Result<()> {
         let failed = self.fail.iter().any(|u| u == unit);
         let line = serde_json::json!({
@@ -120,6 +152,7 @@ mod tests {
         let mut r = Recorder {
             path: dir.path().join("restarts.log"),
             fail: vec!["bad.service".into()],
+            started: None,
         };
         let timeout = Duration::from_secs(1);
         r.restart("ok.service", RestartAction::Restart, timeout)
@@ -151,7 +184,8 @@ mod tests {
         std::fs::write(
             &path,
             r#"{"units": {"a.service": {"load_state": "loaded", "active_state": "active",
-                "user": "bot", "group": "claude", "environment": ["A=1", "B=2"],
+                "user": "bot", "group": "claude", "supplementary_groups": ["c1", "c2"],
+                "main_pid": 7, "environment": ["A=1", "B=2"],
                 "environment_files": [["/etc/a.env", true], ["/etc/b.env", false]],
                 "pids": [7]}}, "path_units": {"old.path": ["/p"]}}"#,
         )
@@ -160,6 +194,8 @@ mod tests {
         let a = f.unit("a.service").unwrap();
         assert_eq!((a.user.as_str(), a.pids.as_slice()), ("bot", &[7][..]));
         assert_eq!(a.group, "claude");
+        assert_eq!(a.supplementary_groups, ["c1", "c2"]);
+        assert_eq!(a.main_pid, 7);
         assert_eq!(a.environment, ["A=1", "B=2"]);
         assert_eq!(
             a.environment_files,

@@ -94,6 +94,9 @@ pub struct Valid {
     pub expires_at: Option<i64>,
     /// Different from what was last applied (a restart is owed).
     pub content_changed: bool,
+    /// When the source file was written (its change time, ms since the
+    /// epoch): units started before then hold something older.
+    pub written_ms: i64,
     pub changes: Vec<String>,
     pub notices: Vec<Notice>,
     /// Action failures; when non-empty the state must not advance.
@@ -151,6 +154,11 @@ pub fn reconcile(
         fingerprint: v.fingerprint,
         expires_at: v.expires_at,
         content_changed: last.is_none_or(|l| l.fingerprint != v.fingerprint),
+        written_ms: file
+            .stat
+            .st_ctime
+            .saturating_mul(1000)
+            .saturating_add(file.stat.st_ctime_nsec / 1_000_000),
         changes: Vec::new(),
         notices: v.warnings.iter().map(|s| Notice::Format(s)).collect(),
         errors: Vec::new(),

@@ -20,9 +20,31 @@ pub struct Plan {
     pub min_interval: Duration,
 }
 
+/// Why a unit is owed a restart: restarts follow state, so the worker
+/// restarts a unit only when it was last started before `written_ms` (the
+/// credential it should use was written then). Where its start time cannot
+/// be known, `must` decides: a new credential restarts it, a mere check
+/// (first sight, agent start, reload) does not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Need {
+    pub written_ms: Option<i64>,
+    pub must: bool,
+}
+
+impl Need {
+    /// Both needs at once: the later credential, and a must if either is.
+    fn merge(self, other: Need) -> Need {
+        Need {
+            written_ms: self.written_ms.max(other.written_ms),
+            must: self.must || other.must,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Unit {
     plan: Plan,
+    need: Need,
     /// A restart is owed.
     pending: bool,
     /// When the owed restart became owed (caps the debounce).
@@ -39,6 +61,7 @@ struct Unit {
 pub struct Job {
     pub unit: String,
     pub plan: Plan,
+    pub need: Need,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +95,11 @@ impl Scheduler {
         let u = self.entry(unit, plan);
         u.last_start = last_start;
         if pending {
+            // Owed when the agent stopped: restart it.
+            u.need = u.need.merge(Need {
+                written_ms: None,
+                must: true,
+            });
             u.pending = true;
             u.pending_since = Some(now);
             u.not_before = None;
@@ -81,6 +109,7 @@ impl Scheduler {
     fn entry(&mut self, unit: &str, plan: Plan) -> &mut Unit {
         let u = self.units.entry(unit.to_owned()).or_insert_with(|| Unit {
             plan: plan.clone(),
+            need: Need::default(),
             pending: false,
             pending_since: None,
             not_before: None,
@@ -93,9 +122,10 @@ impl Scheduler {
     }
 
     /// The credentials changed: `unit` needs a restart after things settle.
-    pub fn request(&mut self, unit: &str, plan: Plan, now: Instant) {
+    pub fn request(&mut self, unit: &str, plan: Plan, need: Need, now: Instant) {
         let settle = self.settle;
         let u = self.entry(unit, plan);
+        u.need = u.need.merge(need);
         if !u.pending {
             u.pending = true;
             u.pending_since = Some(now);
@@ -175,6 +205,7 @@ impl Scheduler {
                 Job {
                     unit: name,
                     plan: u.plan.clone(),
+                    need: u.need,
                 }
             })
             .collect()
@@ -187,6 +218,9 @@ impl Scheduler {
         u.in_flight = false;
         if ok {
             u.failures = 0;
+            if !u.pending {
+                u.need = Need::default();
+            }
             return None;
         }
         u.failures = u.failures.saturating_add(1);
@@ -214,6 +248,11 @@ impl Scheduler {
 mod tests {
     use super::*;
 
+    const MUST: Need = Need {
+        written_ms: None,
+        must: true,
+    };
+
     fn plan(min: u64) -> Plan {
         Plan {
             action: RestartAction::Restart,
@@ -226,8 +265,8 @@ mod tests {
     fn settles_then_restarts_once() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(Duration::from_millis(500));
-        s.request("a.service", plan(10), t0);
-        s.request("a.service", plan(10), t0 + Duration::from_millis(300));
+        s.request("a.service", plan(10), MUST, t0);
+        s.request("a.service", plan(10), MUST, t0 + Duration::from_millis(300));
         assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(800)));
         assert!(s.take_due(t0 + Duration::from_millis(799)).is_empty());
         assert_eq!(s.take_due(t0 + Duration::from_millis(800)).len(), 1);
@@ -238,11 +277,11 @@ mod tests {
     fn change_during_restart_and_cooldown_gives_one_more() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(Duration::ZERO);
-        s.request("a.service", plan(10), t0);
+        s.request("a.service", plan(10), MUST, t0);
         assert_eq!(s.take_due(t0).len(), 1);
         // Two changes while the job runs: one more restart, after min_interval.
-        s.request("a.service", plan(10), t0 + Duration::from_secs(1));
-        s.request("a.service", plan(10), t0 + Duration::from_secs(2));
+        s.request("a.service", plan(10), MUST, t0 + Duration::from_secs(1));
+        s.request("a.service", plan(10), MUST, t0 + Duration::from_secs(2));
         assert!(
             s.take_due(t0 + Duration::from_secs(3)).is_empty(),
             "in flight"
@@ -259,7 +298,12 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Scheduler::new(Duration::from_millis(500));
         for i in 0..100 {
-            s.request("a.service", plan(2), t0 + Duration::from_millis(i * 100));
+            s.request(
+                "a.service",
+                plan(2),
+                MUST,
+                t0 + Duration::from_millis(i * 100),
+            );
         }
         // Owed since t0; cap at t0 + max(settle, min_interval) = 2s.
         assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(2)));
@@ -269,7 +313,7 @@ mod tests {
     fn failures_back_off_exponentially() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(Duration::ZERO);
-        s.request("a.service", plan(0), t0);
+        s.request("a.service", plan(0), MUST, t0);
         assert_eq!(s.take_due(t0).len(), 1);
         assert_eq!(
             s.finished("a.service", false, t0),

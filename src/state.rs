@@ -56,6 +56,9 @@ pub struct WatchRecord {
     pub fingerprint: Option<String>,
     pub expires_at_ms: Option<i64>,
     pub applied_at_ms: Option<i64>,
+    /// When the source with this fingerprint was written (its change
+    /// time): restarts follow state, units started before owe a restart.
+    pub written_ms: Option<i64>,
     pub last_action: Option<String>,
     pub last_action_at_ms: Option<i64>,
     pub last_refusal: Option<String>,
@@ -153,6 +156,13 @@ impl UnitRecord {
             self.pending = true;
             self.pending_since_ms = Some(now_ms);
         }
+    }
+
+    /// The unit was found started after the credential it should use was
+    /// written: in sync, nothing owed.
+    pub fn in_sync(&mut self) {
+        self.pending = false;
+        self.pending_since_ms = None;
     }
 
     /// A restart job finished with `done`. `still_owed`: a change arrived

@@ -20,6 +20,26 @@ pub trait ServiceManager: Send {
         action: RestartAction,
         timeout: Duration,
     ) -> anyhow::Result<()>;
+
+    /// When `unit` was last started (ms since the epoch), if it is running
+    /// and that can be known.
+    fn started_at_ms(&mut self, _unit: &str) -> Option<i64> {
+        None
+    }
+}
+
+/// Whether a restart owed for `need` is still needed: the unit was last
+/// started before the credential it should use was written, or that is
+/// not known and the need is a must.
+pub fn restart_needed(
+    manager: &mut dyn ServiceManager,
+    unit: &str,
+    need: crate::schedule::Need,
+) -> bool {
+    match (need.written_ms, manager.started_at_ms(unit)) {
+        (Some(written), Some(started)) => started < written,
+        _ => need.must,
+    }
 }
 
 /// The subset of org.freedesktop.systemd1.Manager that cred-watch uses.
@@ -69,6 +89,31 @@ impl ServiceManager for Systemd {
         }
         Ok(())
     }
+
+    fn started_at_ms(&mut self, unit: &str) -> Option<i64> {
+        match zbus::block_on(active_since_ms(unit)) {
+            Ok(at) => at,
+            Err(e) => {
+                log::debug!(
+                    "{unit}: start time unknown ({e:#}); restarting when a new credential says so"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// `ActiveEnterTimestamp` of a running unit, in ms since the epoch.
+async fn active_since_ms(unit: &str) -> anyhow::Result<Option<i64>> {
+    let conn = zbus::connection::Builder::system().build().await?;
+    let manager = ManagerQueryProxy::new(&conn).await?;
+    let path = manager.load_unit(unit).await?;
+    let proxy: UnitProxy = property_proxy(&conn, &path).await?;
+    if !matches!(proxy.active_state().await?.as_str(), "active" | "reloading") {
+        return Ok(None);
+    }
+    let us = proxy.active_enter_timestamp().await?;
+    Ok((us > 0).then(|| i64::try_from(us / 1000).unwrap_or(i64::MAX)))
 }
 
 /// How long after a `done` restart the unit must still be running.
@@ -164,6 +209,9 @@ fn dbus_error(e: &zbus::Error) -> String {
 pub struct Outcome {
     pub unit: String,
     pub action: RestartAction,
+    /// Not restarted: it was started after the credential it should use
+    /// was written (already in sync).
+    pub skipped: bool,
     pub result: Result<(), String>,
 }
 
@@ -186,13 +234,21 @@ impl Worker {
             .spawn(move || {
                 for batch in job_rx {
                     for job in batch {
-                        let result = manager
-                            .restart(&job.unit, job.plan.action, job.plan.timeout)
-                            .map_err(|e| format!("{e:#}"));
+                        let start = job.plan.action == RestartAction::Start;
+                        let skipped =
+                            !start && !restart_needed(manager.as_mut(), &job.unit, job.need);
+                        let result = if skipped {
+                            Ok(())
+                        } else {
+                            manager
+                                .restart(&job.unit, job.plan.action, job.plan.timeout)
+                                .map_err(|e| format!("{e:#}"))
+                        };
                         if out_tx
                             .send(Outcome {
                                 unit: job.unit,
                                 action: job.plan.action,
+                                skipped,
                                 result,
                             })
                             .is_err()
@@ -235,6 +291,10 @@ pub struct UnitInfo {
     pub user: String,
     /// The service's `Group=` (empty: the user's primary group).
     pub group: String,
+    /// The service's `SupplementaryGroups=`, names (or numeric ids).
+    pub supplementary_groups: Vec<String>,
+    /// The service's `MainPID` (0: not running).
+    pub main_pid: u32,
     /// The service's `Environment=`: "KEY=VALUE" entries, in order.
     pub environment: Vec<String>,
     /// The service's `EnvironmentFile=`: (path, errors ignored, i.e. "-").
@@ -270,6 +330,8 @@ trait Unit {
     fn load_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn active_enter_timestamp(&self) -> zbus::Result<u64>;
 }
 
 #[zbus::proxy(
@@ -281,6 +343,10 @@ trait ServiceUnit {
     fn user(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn group(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn supplementary_groups(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property, name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
     #[zbus(property)]
     fn environment(&self) -> zbus::Result<Vec<String>>;
     #[zbus(property)]
@@ -347,6 +413,9 @@ impl UnitQuery for SystemdQuery {
                 let svc: ServiceUnitProxy = property_proxy(&conn, &path).await?;
                 info.user = svc.user().await.unwrap_or_default();
                 info.group = svc.group().await.unwrap_or_default();
+                // What the unit's processes really get: doctor tests these.
+                info.supplementary_groups = svc.supplementary_groups().await?;
+                info.main_pid = svc.main_pid().await.unwrap_or_default();
                 // The credentials path depends on these: no guessing.
                 info.environment = svc.environment().await?;
                 info.environment_files = svc.environment_files().await?;

@@ -8,6 +8,7 @@ use crate::clock::{self, Backoff};
 use crate::config::{format_duration, WatchSettings};
 use crate::fsutil::FsError;
 use crate::reconcile::{Reconciled, Valid};
+use crate::schedule::Need;
 use crate::state::WatchRecord;
 use crate::validate::{fmt_ms, Fingerprint};
 use log::Level;
@@ -49,8 +50,9 @@ pub enum Effect {
     Log(Level, String),
     /// A `STATUS=` line for systemd.
     Status(String),
-    /// The credential changed: these units owe a restart.
-    Restart(Vec<String>),
+    /// These units owe a restart, for `Need` (restarts follow state: the
+    /// worker skips a unit started after the credential was written).
+    Restart(Vec<String>, Need),
     /// A failed action is due for another try: read the source again.
     Reread,
     /// Start the `[watch.refresh]` unit (the source's CLI refreshes).
@@ -253,7 +255,11 @@ impl Tracker {
         let restored = v.notices.iter().any(|n| !n.once_per_credential());
         if let (true, false, Some(r)) = (restored, v.content_changed, &w.restart) {
             // Its readers may have picked up what someone else put there.
-            fx.push(Effect::Restart(r.units.clone()));
+            let need = Need {
+                written_ms: Some(now.wall_ms),
+                must: true,
+            };
+            fx.push(Effect::Restart(r.units.clone(), need));
         }
         for n in v.notices.iter().filter(|n| !n.once_per_credential()) {
             let level = if n.is_error() {
@@ -298,6 +304,11 @@ impl Tracker {
         let first = rec.fingerprint.is_none();
         let mut fx = self.refreshed(w, rec, v.expires_at, now);
         rec.set_applied(fp, v.expires_at, now.wall_ms);
+        rec.written_ms = Some(v.written_ms);
+        let need = Need {
+            written_ms: Some(v.written_ms),
+            must: !first,
+        };
         self.expires_at = v.expires_at;
         self.expiry_warned = None;
         self.expiry_errored = None;
@@ -305,10 +316,15 @@ impl Tracker {
         rec.last_action = Some(action.clone());
         rec.last_action_at_ms = Some(now.wall_ms);
         match &w.restart {
-            Some(_) if first => fx.push(info(format!(
-                "{}: {action}; first credentials seen, adopted without a restart",
-                w.name
-            ))),
+            Some(r) if first => {
+                // Adopted, unless a unit is known to have started before
+                // they were written (then it holds something older).
+                fx.push(info(format!(
+                    "{}: {action}; first credentials seen, adopted without a restart unless a unit started before they were written",
+                    w.name
+                )));
+                fx.push(Effect::Restart(r.units.clone(), need));
+            }
             Some(r) => {
                 // When it really happens (settle, min_interval, a restart
                 // under way) is the scheduler's to say.
@@ -317,7 +333,7 @@ impl Tracker {
                     w.name,
                     r.units.join(", ")
                 )));
-                fx.push(Effect::Restart(r.units.clone()));
+                fx.push(Effect::Restart(r.units.clone(), need));
             }
             None => fx.push(info(format!("{}: {action}", w.name))),
         }

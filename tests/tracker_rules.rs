@@ -1,6 +1,7 @@
 //! The agent and `sync` follow the same per-watch rules (one tracker).
 mod common;
 use common::*;
+use std::fs;
 use std::time::Duration;
 
 const COPY: &str = "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n";
@@ -87,4 +88,73 @@ fn restart_log_lines_say_when_the_restart_really_happens() {
     );
     let (status, _) = agent.stop();
     assert!(status.success());
+}
+
+/// Restarts follow state: a unit needs a restart when it was last started
+/// before the credential it should use was written. Start times come from
+/// the recorder (its own restarts, else `CRED_WATCH_TEST_STARTED_AT`).
+fn with_bridge_started_at(env: &Env, ms: i64) -> (String, String) {
+    let file = env.path("started-at");
+    fs::write(&file, format!("bridge.service {ms}\n")).unwrap();
+    (
+        "CRED_WATCH_TEST_STARTED_AT".to_string(),
+        file.to_str().unwrap().to_string(),
+    )
+}
+
+const BRIDGE: &str = "[watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"0s\"\n";
+
+#[test]
+fn a_bridge_older_than_the_current_token_is_restarted_once_at_first_start() {
+    let env = Env::new();
+    let (k, v) = with_bridge_started_at(&env, now_ms() - 60_000);
+    let src = source_path(&env);
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config(BRIDGE));
+    let agent = Agent::start_with(&env, &config, &[(&k, &v)]);
+    assert!(
+        wait_until(Duration::from_secs(5), || env.restarts().len() == 1),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    // Started again: the bridge was restarted after the token was written.
+    let agent = Agent::start_with(&env, &config, &[(&k, &v)]);
+    assert!(
+        agent.wait_log("in sync, not restarted", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    round_trip(&env, &agent);
+    assert_eq!(env.restarts().len(), 1, "{}", agent.stderr());
+    agent.stop();
+}
+
+#[test]
+fn a_bridge_started_after_the_change_is_not_restarted_for_it() {
+    let env = Env::new();
+    let src = source_path(&env);
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config(BRIDGE));
+    // First run: adopted (the recorder knows no start time yet).
+    let agent = Agent::start(&env, &config);
+    agent.stop();
+    // A change while the agent is down, then someone restarts the bridge.
+    write_atomic(&src, &creds(2));
+    let (k, v) = with_bridge_started_at(&env, now_ms() + 1_000);
+    let agent = Agent::start_with(&env, &config, &[(&k, &v)]);
+    assert!(
+        agent.wait_log("in sync, not restarted", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    round_trip(&env, &agent);
+    assert!(env.restarts().is_empty(), "{:?}", env.restarts());
+    // The same change with the bridge older than it: restarted once.
+    agent.stop();
+    write_atomic(&src, &creds(3));
+    let (k, v) = with_bridge_started_at(&env, now_ms() - 10_000);
+    let agent = Agent::start_with(&env, &config, &[(&k, &v)]);
+    assert!(wait_until(Duration::from_secs(5), || env.restarts().len() == 1));
+    agent.stop();
 }

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 const T0: i64 = 1_900_000_000_000;
+/// When the source files in these tests were written.
+const WRITTEN: i64 = T0 - 60_000;
 const MIN: Duration = Duration::from_secs(60);
 
 fn watch() -> WatchSettings {
@@ -38,6 +40,7 @@ fn valid(seq: u8, expires_at: i64, changed: bool) -> Result<Reconciled, FsError>
         fingerprint: Fingerprint::of(&[seq]),
         expires_at: Some(expires_at),
         content_changed: changed,
+        written_ms: WRITTEN,
         changes: vec!["mode 0600 -> 0644".into()],
         notices: vec![Notice::Format("`subscriptionType` is missing")],
         errors: Vec::new(),
@@ -54,9 +57,10 @@ fn logs(fx: &[Effect], level: Level) -> Vec<&str> {
         .collect()
 }
 
+/// Restarts that must happen (not mere start-time checks).
 fn restarts(fx: &[Effect]) -> usize {
     fx.iter()
-        .filter(|e| matches!(e, Effect::Restart(_)))
+        .filter(|e| matches!(e, Effect::Restart(_, need) if need.must))
         .count()
 }
 
@@ -68,11 +72,23 @@ fn first_sight_is_adopted_and_a_change_owes_a_restart() {
     let fx = t.on_read(&w, &mut rec, valid(1, T0 + 3_600_000, true), true, now);
     assert_eq!(restarts(&fx), 0, "{fx:?}");
     assert!(logs(&fx, Level::Info)[0].contains("adopted without a restart"));
+    // Restarts follow state: a unit known to have started before the
+    // credential was written is still restarted (a check, not a must).
+    let check = Need {
+        written_ms: Some(WRITTEN),
+        must: false,
+    };
+    assert!(fx.contains(&Effect::Restart(vec!["bridge.service".into()], check)));
     assert_eq!(rec.expires_at_ms, Some(T0 + 3_600_000));
+    assert_eq!(rec.written_ms, Some(WRITTEN));
     let fx = t.on_read(&w, &mut rec, valid(2, T0 + 7_200_000, true), true, now);
+    let must = Need {
+        written_ms: Some(WRITTEN),
+        must: true,
+    };
     assert_eq!(
-        fx.iter().find(|e| matches!(e, Effect::Restart(_))),
-        Some(&Effect::Restart(vec!["bridge.service".into()]))
+        fx.iter().find(|e| matches!(e, Effect::Restart(..))),
+        Some(&Effect::Restart(vec!["bridge.service".into()], must))
     );
     // The same credential again: nothing owed, nothing logged above debug.
     let again = valid(2, T0 + 7_200_000, false).map(|r| match r {
