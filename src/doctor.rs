@@ -124,9 +124,9 @@ pub fn diagnose(settings: &Settings, users: &[String], query: &mut dyn UnitQuery
         let valid = check_source(&mut r, w, &state);
         check_permissions(&mut r, w);
         check_copies(&mut r, w, valid.as_ref());
-        let mut readers: Vec<String> = users.to_vec();
-        systemd_ok &= check_units(&mut r, w, query, &mut readers, valid.is_some());
-        check_readers(&mut r, w, &readers);
+        let mut units = Vec::new();
+        systemd_ok &= check_units(&mut r, w, query, &mut units, valid.is_some());
+        check_readers(&mut r, w, users, &units, valid.is_some());
         check_keeper_state(&mut r, w, &state);
     }
     if systemd_ok {
@@ -136,13 +136,13 @@ pub fn diagnose(settings: &Settings, users: &[String], query: &mut dyn UnitQuery
     r.0
 }
 
-/// Checks the units of a watch and adds their `User=` to `readers`; false
-/// when systemd could not be asked.
+/// Checks the units of a watch and adds the credentials of each loaded
+/// service to `units`; false when systemd could not be asked.
 fn check_units(
     r: &mut Report,
     w: &WatchSettings,
     query: &mut dyn UnitQuery,
-    readers: &mut Vec<String>,
+    units: &mut Vec<UnitIdents>,
     source_valid: bool,
 ) -> bool {
     let mut asked = true;
@@ -160,15 +160,13 @@ fn check_units(
             Ok(info) => {
                 check_unit(r, w, unit, &info, source_valid);
                 if info.load_state == "loaded" && unit.ends_with(".service") {
-                    check_consumer(r, w, unit, &info, Role::Consumer);
-                }
-                if !info.user.is_empty() && info.user != "root" && !readers.contains(&info.user) {
-                    readers.push(info.user.clone());
+                    let found = check_consumer(r, w, unit, &info, Role::Consumer, source_valid);
+                    units.extend(found);
                 }
             }
         }
     }
-    asked & check_refresher(r, w, query)
+    asked & check_refresher(r, w, query, source_valid)
 }
 
 /// The fix for a source that is absent: only its owner's CLI writes it.
@@ -414,31 +412,108 @@ fn reader_targets(w: &WatchSettings) -> Vec<PathBuf> {
     }
 }
 
-fn check_readers(r: &mut Report, w: &WatchSettings, users: &[String]) {
-    for user in users {
-        let check = format!("{} reader {user}", w.name);
-        let Some(account) = system_user(user) else {
-            r.add(check, Level::Fail, format!("no such user {user:?}"), None);
-            continue;
-        };
-        for target in reader_targets(w) {
-            match can_read(&account, account.gid, &target) {
-                Ok(()) => r.ok(check.clone(), format!("can open {}", target.display())),
-                Err(why) => {
-                    let fix = if w.copies.is_empty() {
-                        "set [watch.permissions] traverse = true and file_mode = \"0644\", or better copy to a shared place with a group"
-                    } else {
-                        "give the copy a group the user is in (`group =`, mode 0640) and make its directory searchable"
-                    };
-                    r.add(
-                        check.clone(),
-                        Level::Fail,
-                        format!("cannot open {}: {why}", target.display()),
-                        Some(fix),
-                    );
-                }
+/// The credentials tested for one unit (see [`unit_idents`]).
+struct UnitIdents {
+    unit: String,
+    /// `User=`, `Group=`, `SupplementaryGroups=` as systemd sets them.
+    configured: Ident,
+    idents: Vec<Ident>,
+}
+
+/// Each `--user`, then each non-root user a unit's processes run as: can
+/// it open the file readers need? Tested with the real credentials of the
+/// units' processes under that user, else the group database's.
+fn check_readers(
+    r: &mut Report,
+    w: &WatchSettings,
+    users: &[String],
+    units: &[UnitIdents],
+    source_valid: bool,
+) {
+    let mut names: Vec<String> = users.to_vec();
+    for id in units.iter().flat_map(|u| &u.idents) {
+        if id.uid != 0 && !names.contains(&id.name) {
+            names.push(id.name.clone());
+        }
+    }
+    for name in &names {
+        check_reader(r, w, name, units, source_valid);
+    }
+    if users.is_empty() {
+        hint_root_units(r, w, units);
+    }
+}
+
+fn check_reader(
+    r: &mut Report,
+    w: &WatchSettings,
+    name: &str,
+    units: &[UnitIdents],
+    source_valid: bool,
+) {
+    let check = format!("{} reader {name}", w.name);
+    let Some(account) = system_user(name) else {
+        r.add(check, Level::Fail, format!("no such user {name:?}"), None);
+        return;
+    };
+    let uid = account.uid.as_raw();
+    let mut tested: Vec<(Option<&UnitIdents>, Ident)> = units
+        .iter()
+        .flat_map(|u| u.idents.iter().map(move |i| (Some(u), i)))
+        .filter(|(_, i)| i.uid == uid)
+        .map(|(u, i)| (u, i.clone()))
+        .collect();
+    if tested.is_empty() {
+        match database_ident(&account) {
+            Ok(id) => tested.push((None, id)),
+            Err(why) => return r.add(check, Level::Fail, why, None),
+        }
+    }
+    for target in reader_targets(w) {
+        let mut fine = Vec::new();
+        for (unit, id) in &tested {
+            let t = Target {
+                w,
+                path: &target,
+                source_valid,
+                unit: unit.map(|u| u.unit.as_str()),
+                configured: unit.map(|u| &u.configured),
+            };
+            match can_read(id, &t) {
+                Ok(()) => fine.push(id.who.as_str()),
+                Err((why, fix)) => r.add(
+                    check.clone(),
+                    Level::Fail,
+                    format!("{} cannot open {}: {why}", id.who, target.display()),
+                    Some(&fix),
+                ),
             }
         }
+        if fine.len() == tested.len() {
+            let msg = format!("{} can open {}", fine.join(", "), target.display());
+            r.ok(check.clone(), msg);
+        }
+    }
+}
+
+/// Plain `doctor`: a unit all of whose processes run as root has no reader
+/// to test; its workers may drop privileges once they run.
+fn hint_root_units(r: &mut Report, w: &WatchSettings, units: &[UnitIdents]) {
+    for u in units.iter().filter(|u| u.idents.iter().all(|i| i.uid == 0)) {
+        let who: Vec<&str> = u.idents.iter().map(|i| i.who.as_str()).collect();
+        r.add(
+            format!("{} reader", w.name),
+            Level::Info,
+            format!(
+                "{}: {} runs as root, which opens anything, so no reader is tested for it",
+                u.unit,
+                who.join(", ")
+            ),
+            Some(&format!(
+                "if its workers drop privileges to another user, run `cred-watch doctor --user <worker user>`, or run doctor while {} runs its workers: it tests each process's real groups",
+                u.unit
+            )),
+        );
     }
 }
 
@@ -447,6 +522,197 @@ fn check_readers(r: &mut Report, w: &WatchSettings, users: &[String]) {
 fn system_user(name: &str) -> Option<nix::unistd::User> {
     let account = Account::user(name)?;
     nix::unistd::User::from_uid(account.id.into()).ok()?
+}
+
+/// Where a set of credentials comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// `User=`, `Group=`, `SupplementaryGroups=`: the unit's next start.
+    Configured,
+    /// The unit's running main process (`/proc/MAINPID/status`).
+    Main,
+    /// Another process of the unit under another uid (a worker that
+    /// dropped privileges), from `/proc/PID/status`.
+    Worker,
+    /// `--user NAME` when no process of the units runs as NAME: the group
+    /// database, as a new login (initgroups) gets it.
+    Database,
+}
+
+/// The credentials the kernel checks for a process (or will).
+#[derive(Debug, Clone)]
+struct Ident {
+    /// "User=bot", "root (no User=)", "PID 123 (worker, uid 1001)", …
+    who: String,
+    /// The user's name (its uid when it has none).
+    name: String,
+    uid: u32,
+    gid: u32,
+    /// The supplementary groups, exactly as the process has them.
+    groups: Vec<u32>,
+    pid: Option<u32>,
+    origin: Origin,
+}
+
+impl Ident {
+    fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+
+    fn same_creds(&self, other: &Ident) -> bool {
+        let sorted = |g: &[u32]| {
+            let mut g = g.to_vec();
+            g.sort_unstable();
+            g.dedup();
+            g
+        };
+        (self.uid, self.gid) == (other.uid, other.gid)
+            && sorted(&self.groups) == sorted(&other.groups)
+    }
+}
+
+fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(uid.into()) {
+        Ok(Some(u)) => u.name,
+        _ => uid.to_string(),
+    }
+}
+
+fn group_name(gid: u32) -> String {
+    match nix::unistd::Group::from_gid(gid.into()) {
+        Ok(Some(g)) => g.name,
+        _ => gid.to_string(),
+    }
+}
+
+/// The effective uid and gid and the supplementary groups of a running
+/// process, from the `Uid:`, `Gid:` and `Groups:` lines of its status.
+fn proc_creds(pid: u32) -> Option<(u32, u32, Vec<u32>)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::split_whitespace)
+    };
+    let uid = field("Uid:")?.nth(1)?.parse().ok()?;
+    let gid = field("Gid:")?.nth(1)?.parse().ok()?;
+    let groups = field("Groups:")?.filter_map(|g| g.parse().ok()).collect();
+    Some((uid, gid, groups))
+}
+
+fn process_ident(pid: u32, origin: Origin) -> Option<Ident> {
+    let (uid, gid, groups) = proc_creds(pid)?;
+    Some(Ident {
+        who: format!("PID {pid} ({}, uid {uid})", comm(pid)),
+        name: user_name(uid),
+        uid,
+        gid,
+        groups,
+        pid: Some(pid),
+        origin,
+    })
+}
+
+/// The groups the group database gives `name` with primary group `gid`
+/// (what initgroups sets, `gid` included).
+fn database_groups(name: &str, gid: u32) -> Result<Vec<u32>, String> {
+    let name = std::ffi::CString::new(name.as_bytes()).map_err(|e| e.to_string())?;
+    Ok(nix::unistd::getgrouplist(&name, gid.into())
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect())
+}
+
+fn database_ident(user: &nix::unistd::User) -> Result<Ident, String> {
+    let gid = user.gid.as_raw();
+    Ok(Ident {
+        who: format!(
+            "{} (no process of the units runs as it: its groups from the group database)",
+            user.name
+        ),
+        name: user.name.clone(),
+        uid: user.uid.as_raw(),
+        gid,
+        groups: database_groups(&user.name, gid)?,
+        pid: None,
+        origin: Origin::Database,
+    })
+}
+
+/// What systemd gives the unit's main process at its next start: `User=`
+/// (root when unset), `Group=` (else the user's primary group), the
+/// user's groups from the database (systemd's initgroups, for a non-root
+/// user and group), then `SupplementaryGroups=`.
+fn configured_ident(info: &UnitInfo) -> Result<(nix::unistd::User, Ident), String> {
+    let name = if info.user.is_empty() {
+        "root"
+    } else {
+        &info.user
+    };
+    let user = system_user(name).ok_or_else(|| format!("User={name} is not a known user"))?;
+    let gid = match info.group.as_str() {
+        "" => user.gid.as_raw(),
+        group => {
+            Account::group(group)
+                .ok_or_else(|| format!("Group={group} is not a known group"))?
+                .id
+        }
+    };
+    let mut groups = if user.uid.is_root() || gid == 0 {
+        Vec::new()
+    } else {
+        database_groups(&user.name, gid)?
+    };
+    for g in &info.supplementary_groups {
+        let id = Account::group(g)
+            .ok_or_else(|| format!("SupplementaryGroups={g} is not a known group"))?
+            .id;
+        if !groups.contains(&id) {
+            groups.push(id);
+        }
+    }
+    let who = match info.user.as_str() {
+        "" => "root (no User=)".to_string(),
+        name => format!("User={name}"),
+    };
+    let ident = Ident {
+        who,
+        name: user.name.clone(),
+        uid: user.uid.as_raw(),
+        gid,
+        groups,
+        pid: None,
+        origin: Origin::Configured,
+    };
+    Ok((user, ident))
+}
+
+/// The credentials to test for a unit: while it runs, its main process's
+/// and those of each of its processes under another uid (workers that drop
+/// privileges), read from `/proc`; else what systemd will give it.
+fn unit_idents(info: &UnitInfo, configured: &Ident) -> Vec<Ident> {
+    let main = (info.main_pid != 0)
+        .then(|| process_ident(info.main_pid, Origin::Main))
+        .flatten();
+    let Some(mut main) = main else {
+        return vec![configured.clone()];
+    };
+    if main.same_creds(configured) {
+        // It has exactly what systemd gives the unit: named as configured.
+        main.who.clone_from(&configured.who);
+    }
+    let mut out = vec![main];
+    for pid in &info.pids {
+        let Some(p) = process_ident(*pid, Origin::Worker) else {
+            continue;
+        };
+        if p.uid != out[0].uid && !out.iter().any(|o| o.same_creds(&p)) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// What [`probe_as`] tries.
@@ -459,26 +725,35 @@ enum Probe {
     CreateEntries,
 }
 
-/// Opens `path` for real in a child process running as `user` with primary
-/// group `gid` (its supplementary groups included), so modes, groups and
-/// ACLs all count.
-fn can_read(user: &nix::unistd::User, gid: nix::unistd::Gid, path: &Path) -> Result<(), String> {
-    match probe_as(user, gid, path, Probe::Open)? {
-        Ok(()) => Ok(()),
-        Err(err) => Err(match blocking_ancestor(path) {
-            Some(hint) if err == nix::errno::Errno::EACCES => format!("{err}; {hint}"),
-            _ => err.to_string(),
-        }),
+/// A file a reader needs, and what the fixes need to know about it.
+struct Target<'a> {
+    w: &'a WatchSettings,
+    path: &'a Path,
+    source_valid: bool,
+    /// The unit whose process is tested (for the restart in a fix).
+    unit: Option<&'a str>,
+    /// That unit's configured credentials: a group they have and the
+    /// running process lacks arrives with a restart.
+    configured: Option<&'a Ident>,
+}
+
+/// Opens the target for real in a child process with `id`'s credentials;
+/// on failure, why (naming the mode, directory or group that blocks it)
+/// and the fix for that cause.
+fn can_read(id: &Ident, t: &Target) -> Result<(), (String, String)> {
+    match probe_as(id, t.path, Probe::Open) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(errno)) => Err(explain(id, t, errno)),
+        Err(why) => Err((why, "run doctor as root".into())),
     }
 }
 
-/// Runs `probe` on `path` in a child process running as `user` with primary
-/// group `gid` and the user's supplementary groups, so modes, groups, ACLs,
-/// immutable files and read-only mounts all count. `Err`: could not test;
-/// `Ok(Err(errno))`: the system call failed as that user.
+/// Runs `probe` on `path` in a child process with exactly `id`'s
+/// credentials (setgroups to its groups, not initgroups; setgid; setuid),
+/// so modes, groups, ACLs, immutable files and read-only mounts all count.
+/// `Err`: could not test; `Ok(Err(errno))`: the system call failed.
 fn probe_as(
-    user: &nix::unistd::User,
-    gid: nix::unistd::Gid,
+    id: &Ident,
     path: &Path,
     probe: Probe,
 ) -> Result<Result<(), nix::errno::Errno>, String> {
@@ -486,23 +761,18 @@ fn probe_as(
     use nix::unistd::{fork, ForkResult};
     use std::os::unix::ffi::OsStrExt;
     let me = nix::unistd::geteuid();
-    if !me.is_root() && me != user.uid {
+    if !me.is_root() && me.as_raw() != id.uid {
         return Err("cannot test as another user without root (run doctor as root)".into());
     }
-    let groups = if me.is_root() {
-        supplementary_groups(user, gid)?
-    } else {
-        Vec::new()
-    };
     let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    let (uid, gid) = (user.uid.as_raw(), gid.as_raw());
+    let groups: Vec<libc::gid_t> = id.groups.clone();
     // SAFETY: the child only makes raw system calls and _exits.
     match unsafe { fork() }.map_err(|e| e.to_string())? {
         ForkResult::Child => unsafe {
             if me.is_root()
                 && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0)
+                    || libc::setgid(id.gid) != 0
+                    || libc::setuid(id.uid) != 0)
             {
                 libc::_exit(100);
             }
@@ -521,40 +791,236 @@ fn probe_as(
         },
         ForkResult::Parent { child } => match waitpid(child, None) {
             Ok(WaitStatus::Exited(_, 0)) => Ok(Ok(())),
-            Ok(WaitStatus::Exited(_, 100)) => Err("could not switch to that user".into()),
+            Ok(WaitStatus::Exited(_, 100)) => Err("could not switch to those credentials".into()),
             Ok(WaitStatus::Exited(_, errno)) => Ok(Err(nix::errno::Errno::from_raw(errno))),
             other => Err(format!("test process ended oddly: {other:?}")),
         },
     }
 }
 
-/// The groups a process of `user` with primary group `gid` has, as
-/// systemd and login set them (the group database, `gid` included).
-fn supplementary_groups(
-    user: &nix::unistd::User,
-    gid: nix::unistd::Gid,
-) -> Result<Vec<libc::gid_t>, String> {
-    let name = std::ffi::CString::new(user.name.as_bytes()).map_err(|e| e.to_string())?;
-    Ok(nix::unistd::getgrouplist(&name, gid)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|g| g.as_raw())
-        .collect())
+/// What keeps a process from opening a file, as the modes say.
+#[derive(Debug, PartialEq, Eq)]
+enum Block {
+    /// This path on the way does not exist.
+    Missing(PathBuf),
+    /// A directory on the way without the search bit for the process
+    /// (its mode and owner as "0700 root:root").
+    Dir(PathBuf, String),
+    /// The file is readable by its group (given), which the process lacks.
+    NotInGroup(String, u32),
+    /// The file's mode gives the process's class no read permission.
+    Mode(String),
+    /// The modes allow it: an ACL, a mount or a security module refuses.
+    Other,
 }
 
-/// A hint: the first ancestor without o+x, the usual culprit (e.g. /root 0700).
-fn blocking_ancestor(path: &Path) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt;
-    path.ancestors()
-        .skip(1)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .find_map(|dir| {
-            let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o7777;
-            (mode & 0o001 == 0)
-                .then(|| format!("{} is {mode:04o} (no search bit for others)", dir.display()))
-        })
+/// "0640 root:claude-credentials".
+fn describe_stat(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{:04o} {}:{}",
+        m.mode() & 0o7777,
+        user_name(m.uid()),
+        group_name(m.gid())
+    )
+}
+
+/// The permission bits (rwx) that apply to `id` on a file.
+fn class_bits(id: &Ident, m: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let mode = m.mode();
+    if m.uid() == id.uid {
+        (mode >> 6) & 7
+    } else if id.in_group(m.gid()) {
+        (mode >> 3) & 7
+    } else {
+        mode & 7
+    }
+}
+
+/// Which part blocks `id` from opening `path`: each directory on the way
+/// (search bit), then the file (read bit, through owner, group or others).
+fn blocker(id: &Ident, path: &Path) -> Block {
+    use std::os::unix::fs::MetadataExt;
+    let dirs: Vec<&Path> = path.ancestors().skip(1).collect();
+    for dir in dirs.into_iter().rev() {
+        let Ok(m) = std::fs::metadata(dir) else {
+            return Block::Missing(dir.to_path_buf());
+        };
+        if id.uid != 0 && class_bits(id, &m) & 1 == 0 {
+            return Block::Dir(dir.to_path_buf(), describe_stat(&m));
+        }
+    }
+    let Ok(m) = std::fs::metadata(path) else {
+        return Block::Missing(path.to_path_buf());
+    };
+    if id.uid == 0 || class_bits(id, &m) & 4 != 0 {
+        Block::Other
+    } else if m.uid() != id.uid && !id.in_group(m.gid()) && m.mode() & 0o040 != 0 {
+        Block::NotInGroup(describe_stat(&m), m.gid())
+    } else {
+        Block::Mode(describe_stat(&m))
+    }
+}
+
+/// The fix whenever the source itself is absent or refused: loosening
+/// modes or search bits for it helps nobody.
+const SOURCE_FIRST: &str =
+    "fix the source first (see its line above); nothing else helps while it is absent or refused";
+
+/// Why `id` cannot open the target, and the fix for that cause.
+fn explain(id: &Ident, t: &Target, errno: nix::errno::Errno) -> (String, String) {
+    let kind = file_kind(t.w, t.path);
+    let subject = match kind {
+        Some("the source") => "the source",
+        Some(_) => "the copy",
+        None => "the file",
+    };
+    let source_first = !t.source_valid && kind == Some("the source");
+    let (why, fix) = match blocker(id, t.path) {
+        Block::Missing(p) => {
+            let fix = if t.source_valid && kind == Some("a copy") {
+                "run `cred-watch sync` (and check that the agent is running)"
+            } else {
+                SOURCE_FIRST
+            };
+            (format!("{} does not exist", p.display()), fix.to_string())
+        }
+        Block::Dir(dir, meta) => (
+            format!(
+                "{} is {meta} and {} has no search bit there",
+                dir.display(),
+                id.who
+            ),
+            dir_fix(t, kind, &dir),
+        ),
+        Block::NotInGroup(meta, gid) => {
+            let (cause, fix) = group_cause(id, t, gid);
+            let why = format!(
+                "{subject} is {meta} and {} is not in group {} (its groups: {}): {cause}",
+                id.who,
+                group_name(gid),
+                group_list(id)
+            );
+            (why, fix)
+        }
+        Block::Mode(meta) => (
+            format!("{subject} is {meta}: no read permission for {}", id.who),
+            mode_fix(t, kind),
+        ),
+        Block::Other => (
+            "the modes and groups allow it, so an ACL, a read-only mount or a security module (AppArmor, SELinux) refuses it".into(),
+            format!("see `getfacl {}` and the audit log", t.path.display()),
+        ),
+    };
+    let fix = if source_first {
+        SOURCE_FIRST.into()
+    } else {
+        fix
+    };
+    (format!("{errno}: {why}"), fix)
+}
+
+fn group_list(id: &Ident) -> String {
+    let mut all = vec![id.gid];
+    all.extend(id.groups.iter().filter(|g| **g != id.gid));
+    let names: Vec<String> = all.into_iter().map(group_name).collect();
+    names.join(", ")
+}
+
+/// The fix for a directory on the way without the search bit.
+fn dir_fix(t: &Target, kind: Option<&str>, dir: &Path) -> String {
+    match (kind, &t.w.permissions) {
+        (Some("the source"), Some(p)) if p.traverse => {
+            "run `cred-watch sync` (traverse = true adds the search bits; check that the agent is running)".into()
+        }
+        (Some("the source"), _) => "set [watch.permissions] traverse = true (search bits only), or better copy to a shared place with a group".into(),
+        _ => format!(
+            "chmod o+x {} (every directory on the way must be searchable; cred-watch creates the copy's own directory root-owned 0755)",
+            dir.display()
+        ),
+    }
+}
+
+/// The fix for a file whose mode gives the process no read permission.
+fn mode_fix(t: &Target, kind: Option<&str>) -> String {
+    match kind {
+        Some("a copy") => format!(
+            "set mode = \"0640\" and group = \"{}\" in [[watch.copy]], with the readers in that group",
+            copy_group(t.w)
+        ),
+        Some(_) => "set [watch.permissions] file_mode = \"0644\", or better copy to a shared place with a group".into(),
+        None => "read this watch's source or copy instead".into(),
+    }
+}
+
+/// Why a process lacks a group the file needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupCause {
+    /// It got its groups at its start, before the group was given.
+    StartedBefore,
+    /// It switched users without initgroups: it keeps inherited groups.
+    NoInitgroups,
+    /// The user is not in the group at all.
+    NotMember,
+}
+
+/// `dropped`: the process switched to its uid itself (a worker);
+/// `initgroups`: its groups look like the database's at some point (its
+/// own gid among them); `now_has`: the database or the unit's
+/// configuration gives that group now.
+fn classify(running: bool, dropped: bool, initgroups: bool, now_has: bool) -> GroupCause {
+    if dropped && !initgroups {
+        GroupCause::NoInitgroups
+    } else if running && now_has {
+        GroupCause::StartedBefore
+    } else {
+        GroupCause::NotMember
+    }
+}
+
+/// The cause, and the fix, of `id` lacking group `gid`.
+fn group_cause(id: &Ident, t: &Target, gid: u32) -> (String, String) {
+    let group = group_name(gid);
+    let unit = t.unit.unwrap_or("the services that run as that user");
+    let restart = format!("systemctl restart {unit}");
+    if gid == 0 {
+        let fix = format!(
+            "give {} a group for its readers: group = \"{}\" and mode = \"0640\" in [[watch.copy]]; then usermod -aG {} {} and {restart}",
+            t.path.display(),
+            copy_group(t.w),
+            copy_group(t.w),
+            id.name
+        );
+        return ("it has no group for readers".into(), fix);
+    }
+    let db_has = database_groups(&id.name, id.gid).is_ok_and(|g| g.contains(&gid));
+    let configured = t.configured.filter(|c| c.uid == id.uid);
+    let supplementary = configured.is_some_and(|c| c.in_group(gid)) && !db_has;
+    let dropped = match id.origin {
+        Origin::Worker => true,
+        Origin::Main => t.configured.is_some_and(|c| c.uid != id.uid),
+        _ => false,
+    };
+    let initgroups = id.groups.contains(&id.gid);
+    match classify(id.pid.is_some(), dropped, initgroups, db_has || supplementary) {
+        GroupCause::StartedBefore if supplementary => (
+            format!("it was started before SupplementaryGroups={group} was set"),
+            restart,
+        ),
+        GroupCause::StartedBefore => (
+            format!("it was started before `usermod -aG {group} {}`", id.name),
+            restart,
+        ),
+        GroupCause::NoInitgroups => (
+            format!("{unit} drops privileges without initgroups, so its workers keep only the groups they inherit"),
+            format!("add SupplementaryGroups={group} to {unit} (systemctl edit {unit}: [Service] SupplementaryGroups={group}), then {restart}"),
+        ),
+        GroupCause::NotMember => (
+            format!("{} is not a member of {group}", id.name),
+            format!("usermod -aG {group} {}, then {restart}", id.name),
+        ),
+    }
 }
 
 /// `source_valid`: the source is present and valid now. Without it, a
@@ -804,13 +1270,29 @@ struct Consumer<'a> {
     w: &'a WatchSettings,
     unit: &'a str,
     check: String,
-    /// "User=bot" or "root (no User=)".
-    who: String,
+    /// The account of `User=` (root when unset): its name and home.
     user: nix::unistd::User,
-    gid: nix::unistd::Gid,
+    /// `User=`, `Group=`, `SupplementaryGroups=` as systemd sets them.
+    configured: Ident,
+    /// What is tested: the running processes' real credentials, else
+    /// `configured` (see [`unit_idents`]).
+    idents: Vec<Ident>,
     path: PathBuf,
     /// Which variable chose the path, and where it is set.
     via: String,
+    source_valid: bool,
+}
+
+impl Consumer<'_> {
+    fn target(&self) -> Target<'_> {
+        Target {
+            w: self.w,
+            path: &self.path,
+            source_valid: self.source_valid,
+            unit: Some(self.unit),
+            configured: Some(&self.configured),
+        }
+    }
 }
 
 /// The credentials file name the CLI reads in its directory.
@@ -819,7 +1301,12 @@ const CREDENTIALS_NAME: &str = ".credentials.json";
 const SHARED_DIR: &str = "/var/lib/claude-credentials";
 
 /// The refresh unit: it must read the source itself.
-fn check_refresher(r: &mut Report, w: &WatchSettings, query: &mut dyn UnitQuery) -> bool {
+fn check_refresher(
+    r: &mut Report,
+    w: &WatchSettings,
+    query: &mut dyn UnitQuery,
+    source_valid: bool,
+) -> bool {
     let Some(unit) = w.refresh.as_ref().map(|x| &x.unit) else {
         return true;
     };
@@ -846,52 +1333,63 @@ fn check_refresher(r: &mut Report, w: &WatchSettings, query: &mut dyn UnitQuery)
         }
         Ok(info) => {
             if unit.ends_with(".service") {
-                check_consumer(r, w, unit, &info, Role::Refresher);
+                check_consumer(r, w, unit, &info, Role::Refresher, source_valid);
             }
             true
         }
     }
 }
 
-/// Resolves the credentials file the unit's CLI reads, as its user, and
-/// reports what that user can do with it; then its environment tokens.
-fn check_consumer(r: &mut Report, w: &WatchSettings, unit: &str, info: &UnitInfo, role: Role) {
+/// Resolves the credentials file the unit's CLI reads, and reports what the
+/// unit's processes can do with it (their real credentials); then its
+/// environment tokens. Returns the credentials tested, for the readers.
+fn check_consumer(
+    r: &mut Report,
+    w: &WatchSettings,
+    unit: &str,
+    info: &UnitInfo,
+    role: Role,
+    source_valid: bool,
+) -> Option<UnitIdents> {
     let check = match role {
         Role::Consumer => format!("{} consumer {unit}", w.name),
         Role::Refresher => format!("{} refresher {unit}", w.name),
     };
     let env = unit_env(r, &check, info);
-    match unit_account(info) {
-        Err(why) => r.add(
-            check.clone(),
-            Level::Fail,
-            why,
-            Some(&format!(
-                "fix User=/Group= of {unit} (systemctl edit {unit})"
-            )),
-        ),
-        Ok((user, gid)) => {
+    let found = match configured_ident(info) {
+        Err(why) => {
+            let fix =
+                format!("fix User=/Group=/SupplementaryGroups= of {unit} (systemctl edit {unit})");
+            r.add(check.clone(), Level::Fail, why, Some(&fix));
+            None
+        }
+        Ok((user, configured)) => {
             let (path, via) = credentials_path(&env, &user.dir);
+            let idents = unit_idents(info, &configured);
             let c = Consumer {
                 w,
                 unit,
                 check: check.clone(),
-                who: match info.user.as_str() {
-                    "" => "root (no User=)".to_string(),
-                    name => format!("User={name}"),
-                },
                 user,
-                gid,
+                configured,
+                idents,
                 path,
                 via,
+                source_valid,
             };
             match role {
                 Role::Consumer => consumer_file(r, &c),
                 Role::Refresher => refresher_file(r, &c),
             }
+            Some(UnitIdents {
+                unit: unit.to_string(),
+                configured: c.configured,
+                idents: c.idents,
+            })
         }
-    }
+    };
     check_env_tokens(r, &check, &env);
+    found
 }
 
 /// `Environment=`, then each `EnvironmentFile=` in order (later assignments
@@ -922,25 +1420,6 @@ fn unit_env(r: &mut Report, check: &str, info: &UnitInfo) -> UnitEnv {
     env
 }
 
-/// The unit's user (root without `User=`) and primary group (`Group=`, else
-/// the user's own).
-fn unit_account(info: &UnitInfo) -> Result<(nix::unistd::User, nix::unistd::Gid), String> {
-    let name = if info.user.is_empty() {
-        "root"
-    } else {
-        &info.user
-    };
-    let user = system_user(name).ok_or_else(|| format!("User={name} is not a known user"))?;
-    let gid = match info.group.as_str() {
-        "" => user.gid,
-        group => Account::group(group)
-            .ok_or_else(|| format!("Group={group} is not a known group"))?
-            .id
-            .into(),
-    };
-    Ok((user, gid))
-}
-
 /// The CLI's choice: `CLAUDE_SECURESTORAGE_CONFIG_DIR` (non-empty), else
 /// `CLAUDE_CONFIG_DIR`, else `$HOME/.claude` (the passwd home when the unit
 /// sets no HOME), then `.credentials.json`. Returns the path and the reason.
@@ -968,38 +1447,64 @@ fn file_kind(w: &WatchSettings, path: &Path) -> Option<&'static str> {
     }
 }
 
+/// The credentials that stand for the unit's CLI: a root main process
+/// with workers under other users is left out (with an info line), since
+/// its workers run the CLI.
+fn consumer_idents<'c>(r: &mut Report, c: &'c Consumer) -> Vec<&'c Ident> {
+    let (root, others): (Vec<&Ident>, Vec<&Ident>) = c.idents.iter().partition(|i| i.uid == 0);
+    if others.is_empty() || root.is_empty() {
+        return c.idents.iter().collect();
+    }
+    for main in root {
+        let workers: Vec<&str> = others.iter().map(|i| i.who.as_str()).collect();
+        r.add(
+            c.check.clone(),
+            Level::Info,
+            format!(
+                "the main process (PID {}) runs as root: tested its processes under other users instead ({}), which run the CLI",
+                main.pid.unwrap_or_default(),
+                workers.join(", ")
+            ),
+            Some(&format!("if root itself runs the CLI, it can refresh and rotate the token: run {} as its own User=", c.unit)),
+        );
+    }
+    others
+}
+
 /// A consumer must read this watch's source or copy, and must not be able
 /// to create entries next to it (it would refresh and rotate the token).
 fn consumer_file(r: &mut Report, c: &Consumer) {
     let kind = file_kind(c.w, &c.path);
     let (dir, _) = crate::config::split_file(&c.path);
+    let tested = consumer_idents(r, c);
     let mut fine = true;
-    if let Err(why) = can_read(&c.user, c.gid, &c.path) {
-        fine = false;
-        let mut msg = format!(
-            "{} cannot read {} ({}): {why}; its CLI says \"Not logged in\"",
-            c.who,
-            c.path.display(),
-            c.via
-        );
-        if kind.is_none() {
-            msg.push_str("; that file is neither this watch's source nor a copy");
+    for id in &tested {
+        if let Err((why, fix)) = can_read(id, &c.target()) {
+            fine = false;
+            let mut msg = format!(
+                "{} cannot read {} ({}): {why}; its CLI says \"Not logged in\"",
+                id.who,
+                c.path.display(),
+                c.via
+            );
+            let fix = if kind.is_none() {
+                msg.push_str("; that file is neither this watch's source nor a copy");
+                topology_fix(c)
+            } else {
+                fix
+            };
+            r.add(c.check.clone(), Level::Fail, msg, Some(&fix));
         }
-        let fix = if kind == Some("a copy") {
-            copy_group_fix(c)
-        } else {
-            topology_fix(c)
-        };
-        r.add(c.check.clone(), Level::Fail, msg, Some(&fix));
+        fine &= cannot_create_entries(r, c, id, dir);
     }
-    fine &= cannot_create_entries(r, c, dir);
+    let who: Vec<&str> = tested.iter().map(|i| i.who.as_str()).collect();
+    let who = who.join(" and ");
     match kind {
         None if fine => r.add(
             c.check.clone(),
             Level::Warn,
             format!(
-                "{} reads {} ({}), which is neither this watch's source nor a copy: cred-watch does not keep it fresh",
-                c.who,
+                "{who} reads {} ({}), which is neither this watch's source nor a copy: cred-watch does not keep it fresh",
                 c.path.display(),
                 c.via
             ),
@@ -1008,8 +1513,7 @@ fn consumer_file(r: &mut Report, c: &Consumer) {
         Some(kind) if fine => r.ok(
             c.check.clone(),
             format!(
-                "{} reads {kind} {} ({}) and cannot create entries in {}",
-                c.who,
+                "{who} reads {kind} {} ({}) and cannot create entries in {}",
                 c.path.display(),
                 c.via,
                 dir.display()
@@ -1019,15 +1523,15 @@ fn consumer_file(r: &mut Report, c: &Consumer) {
     }
 }
 
-/// False (with a finding) when the consumer could create entries in `dir`,
-/// where its CLI takes the refresh lock, or when that cannot be tested.
-fn cannot_create_entries(r: &mut Report, c: &Consumer, dir: &Path) -> bool {
-    match probe_as(&c.user, c.gid, dir, Probe::CreateEntries) {
+/// False (with a finding) when `id` could create entries in `dir`, where
+/// its CLI takes the refresh lock, or when that cannot be tested.
+fn cannot_create_entries(r: &mut Report, c: &Consumer, id: &Ident, dir: &Path) -> bool {
+    match probe_as(id, dir, Probe::CreateEntries) {
         Ok(Err(_)) => return true,
         Ok(Ok(())) => {
             let msg = format!(
                 "{} can create entries in {} (its CLI's mkdir .oauth_refresh.lock succeeds): it can refresh and rotate the single-use refresh token, and every other copy then dies",
-                c.who,
+                id.who,
                 dir.display()
             );
             r.add(c.check.clone(), Level::Fail, msg, Some(&topology_fix(c)));
@@ -1035,7 +1539,7 @@ fn cannot_create_entries(r: &mut Report, c: &Consumer, dir: &Path) -> bool {
         Err(why) => {
             let msg = format!(
                 "cannot test whether {} can create entries in {}: {why}",
-                c.who,
+                id.who,
                 dir.display()
             );
             r.add(c.check.clone(), Level::Warn, msg, None);
@@ -1057,24 +1561,32 @@ fn refresher_file(r: &mut Report, c: &Consumer) {
             nix::unistd::User::from_uid(m.uid().into()).ok()?
         })
         .map_or("the source's owner".to_string(), |u| u.name);
-    let fix = format!(
+    let mut fix = format!(
         "run {} as User={owner} without CLAUDE_CONFIG_DIR or CLAUDE_SECURESTORAGE_CONFIG_DIR, or set CLAUDE_SECURESTORAGE_CONFIG_DIR={source_dir} on it",
         c.unit
     );
     let path = c.path.display();
+    let unreadable = c
+        .idents
+        .iter()
+        .find_map(|id| can_read(id, &c.target()).err().map(|e| (id, e)));
     let (level, msg) = if c.path != c.w.source {
         let msg = format!(
             "the refresh unit's CLI does not read the source: {} reads {path} ({}), not {}",
-            c.who,
+            c.configured.who,
             c.via,
             c.w.source.display()
         );
         (Level::Fail, msg)
-    } else if let Err(why) = can_read(&c.user, c.gid, &c.path) {
-        let msg = format!("{} cannot read the source {path} ({}): {why}", c.who, c.via);
+    } else if let Some((id, (why, cause_fix))) = unreadable {
+        fix = cause_fix;
+        let msg = format!(
+            "{} cannot read the source {path} ({}): {why}",
+            id.who, c.via
+        );
         (Level::Fail, msg)
     } else {
-        let msg = format!("{} reads the source {path} ({})", c.who, c.via);
+        let msg = format!("{} reads the source {path} ({})", c.configured.who, c.via);
         return r.ok(c.check.clone(), msg);
     };
     r.add(c.check.clone(), level, msg, Some(&fix));
@@ -1122,18 +1634,6 @@ fn topology_fix(c: &Consumer) -> String {
             set(SHARED_DIR)
         ),
     }
-}
-
-/// The fix for a copy its consumer cannot read.
-fn copy_group_fix(c: &Consumer) -> String {
-    let (dir, _) = crate::config::split_file(&c.path);
-    let group = copy_group(c.w);
-    format!(
-        "make the copy 0640 root:{group} (mode and group = in [[watch.copy]]), add {} to {group} (usermod -aG {group} {}), and keep {} root-owned 0755",
-        c.user.name,
-        c.user.name,
-        dir.display()
-    )
 }
 
 /// The kind of an OAuth access token (never printed: the harness of every
@@ -1307,6 +1807,76 @@ impl EnvParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_group_has_one_cause() {
+        use GroupCause::*;
+        // (running, dropped privileges itself, own gid among its groups, group given now)
+        assert_eq!(classify(true, true, false, true), NoInitgroups);
+        assert_eq!(classify(true, true, false, false), NoInitgroups);
+        assert_eq!(classify(true, true, true, true), StartedBefore);
+        assert_eq!(classify(true, false, true, true), StartedBefore);
+        assert_eq!(classify(true, false, true, false), NotMember);
+        assert_eq!(classify(false, false, true, true), NotMember);
+        assert_eq!(classify(false, false, false, false), NotMember);
+    }
+
+    #[test]
+    fn process_credentials_come_from_proc_status() {
+        let me = std::process::id();
+        let (uid, gid, groups) = proc_creds(me).unwrap();
+        assert_eq!(uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(gid, nix::unistd::getegid().as_raw());
+        let mut want: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        let mut got = groups;
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        assert!(proc_creds(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn the_blocking_part_is_named() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("d");
+        let file = sub.join("f");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(&file, "x").unwrap();
+        let set = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let m = std::fs::metadata(&file).unwrap();
+        // Someone else: neither the owner nor in the file's group.
+        let other = Ident {
+            who: "x".into(),
+            name: "x".into(),
+            uid: m.uid() + 4242,
+            gid: m.gid() + 4242,
+            groups: vec![],
+            pid: None,
+            origin: Origin::Worker,
+        };
+        set(dir.path(), 0o755);
+        set(&sub, 0o700);
+        assert!(matches!(blocker(&other, &file), Block::Dir(d, _) if d == sub));
+        set(&sub, 0o755);
+        set(&file, 0o640);
+        assert!(matches!(blocker(&other, &file), Block::NotInGroup(_, g) if g == m.gid()));
+        let member = Ident {
+            groups: vec![m.gid()],
+            ..other.clone()
+        };
+        assert_eq!(blocker(&member, &file), Block::Other);
+        set(&file, 0o600);
+        assert!(matches!(blocker(&member, &file), Block::Mode(meta) if meta.starts_with("0600 ")));
+        let gone = sub.join("none");
+        assert_eq!(blocker(&other, &gone), Block::Missing(gone.clone()));
+    }
 
     #[test]
     fn environment_files_are_read_as_systemd_reads_them() {

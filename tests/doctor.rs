@@ -762,3 +762,254 @@ fn refresh_unit_must_read_the_source() {
         "{out}"
     );
 }
+
+// ---- readers: the real credentials of the units' processes ----
+
+/// CONFIG whose copy the group `daemon` reads (a group nobody is not in).
+fn daemon_group_config() -> String {
+    CONFIG.replace("mode = \"0640\"\n", "mode = \"0640\"\ngroup = \"daemon\"\n")
+}
+
+/// A real `sleep 60` run through `setpriv ARGS` (its uid, gid and groups),
+/// killed on drop.
+struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    fn spawn(args: &[&str]) -> Sleeper {
+        let child = Command::new("setpriv")
+            .args(args)
+            .args(["sleep", "60"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // setpriv execs sleep once the credentials are set.
+        assert!(wait_until(Duration::from_secs(5), || {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        }));
+        Sleeper(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// nobody with primary group nogroup and no supplementary group at all
+/// (a worker that switched users without initgroups).
+const NOBODY_NO_GROUPS: &[&str] = &["--reuid=nobody", "--regid=nogroup", "--clear-groups"];
+
+/// The fixture for a running bridge: `main` is MainPID, `pids` its cgroup.
+fn running_bridge(d: &Doctor, env: &Env, user: &str, main: u32, pids: &[u32], extra: Value) {
+    let mut fields = reads_shared(env);
+    fields["user"] = json!(user);
+    fields["main_pid"] = json!(main);
+    fields["pids"] = json!(pids);
+    fields
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    bridge(d, fields);
+}
+
+#[test]
+fn worker_without_the_copy_group_fails_naming_the_group_and_initgroups() {
+    needs_root!("worker_without_the_copy_group_fails_naming_the_group_and_initgroups");
+    let env = Env::new();
+    let d = consumer_setup(&env, &daemon_group_config());
+    let copy = env.path("shared/.credentials.json");
+    // A root master that starts a worker as nobody without initgroups.
+    let master = Sleeper::spawn(&["--clear-groups"]);
+    let worker = Sleeper::spawn(NOBODY_NO_GROUPS);
+    let (m, w) = (master.pid(), worker.pid());
+    running_bridge(&d, &env, "", m, &[m, w], json!({}));
+    let (code, out) = d.run(&[]);
+    assert_eq!(code, 1, "{out}");
+    let who = format!("PID {w} (sleep, uid 65534)");
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains(&format!("{who} cannot read {}", copy.display()))
+            && line.contains("EACCES")
+            && line.contains(&format!(
+                "the copy is 0640 root:daemon and {who} is not in group daemon (its groups: nogroup)"
+            ))
+            && line.contains("bridge.service drops privileges without initgroups")
+            && line.contains("fix: add SupplementaryGroups=daemon to bridge.service"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("usermod"),
+        "the fix matches the cause: {line}"
+    );
+    // The root master is named, not failed: its workers run the CLI.
+    assert!(
+        d.line(&out, "info", CONSUMER).contains(&format!(
+            "the main process (PID {m}) runs as root: tested its processes under other users"
+        )),
+        "{out}"
+    );
+    // The reader check of the worker's user tests the same real groups.
+    let reader = d.line(&out, "fail", "claude reader nobody");
+    assert!(
+        reader.contains(&format!("{who} cannot open {}", copy.display()))
+            && reader.contains("not in group daemon")
+            && reader.contains("SupplementaryGroups=daemon"),
+        "{reader}"
+    );
+    // The same worker holding the group: ok, for both checks.
+    drop(worker);
+    let worker = Sleeper::spawn(&["--reuid=nobody", "--regid=nogroup", "--groups=daemon"]);
+    let w = worker.pid();
+    running_bridge(&d, &env, "", m, &[m, w], json!({}));
+    let (_, out) = d.run(&[]);
+    assert!(
+        d.line(&out, "ok", CONSUMER).contains(&format!(
+            "PID {w} (sleep, uid 65534) reads a copy {}",
+            copy.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        d.line(&out, "ok", "claude reader nobody")
+            .contains(&format!("PID {w} (sleep, uid 65534) can open")),
+        "{out}"
+    );
+    assert!(!out.contains("fail claude consumer"), "{out}");
+    assert!(!out.contains("fail claude reader"), "{out}");
+}
+
+#[test]
+fn main_process_started_before_its_group_was_given_fails_until_restarted() {
+    needs_root!("main_process_started_before_its_group_was_given_fails_until_restarted");
+    let env = Env::new();
+    let d = consumer_setup(&env, &daemon_group_config());
+    // User=nobody, with its database groups (initgroups) from before the
+    // unit got SupplementaryGroups=daemon.
+    let main = Sleeper::spawn(&["--reuid=nobody", "--regid=nogroup", "--init-groups"]);
+    let m = main.pid();
+    let supplementary = json!({"supplementary_groups": ["daemon"]});
+    running_bridge(&d, &env, "nobody", m, &[m], supplementary.clone());
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains(&format!(
+            "PID {m} (sleep, uid 65534) is not in group daemon (its groups: nogroup): it was started before SupplementaryGroups=daemon was set"
+        )) && line.ends_with("fix: systemctl restart bridge.service"),
+        "{line}"
+    );
+    // `--user nobody` tests that process too, not the group database.
+    let (_, out) = d.run(&["--user", "nobody"]);
+    assert!(
+        d.line(&out, "fail", "claude reader nobody")
+            .contains(&format!("PID {m} (sleep, uid 65534) cannot open")),
+        "{out}"
+    );
+    // Not running: what systemd will give it, SupplementaryGroups= included.
+    running_bridge(&d, &env, "nobody", 0, &[], supplementary);
+    let (_, out) = d.run(&[]);
+    assert!(
+        d.line(&out, "ok", CONSUMER)
+            .contains("User=nobody reads a copy"),
+        "{out}"
+    );
+    d.line(&out, "ok", "claude reader nobody");
+    // Without it, nobody is simply not in the group.
+    running_bridge(&d, &env, "nobody", 0, &[], json!({}));
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains("User=nobody cannot read")
+            && line.contains("nobody is not a member of daemon")
+            && line
+                .contains("fix: usermod -aG daemon nobody, then systemctl restart bridge.service"),
+        "{line}"
+    );
+    // `--user` for a user no process runs as: the group database.
+    running_bridge(&d, &env, "", 0, &[], json!({}));
+    let (_, out) = d.run(&["--user", "nobody"]);
+    let line = d.line(&out, "fail", "claude reader nobody");
+    assert!(
+        line.contains("no process of the units runs as it")
+            && line.contains("nobody is not a member of daemon"),
+        "{line}"
+    );
+}
+
+#[test]
+fn plain_doctor_hints_at_the_workers_when_the_bridge_runs_as_root() {
+    let env = Env::new();
+    let d = Doctor::new(&env, CONFIG);
+    fs::create_dir_all(src(&env).parent().unwrap()).unwrap();
+    write_atomic(&src(&env), &creds(1));
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "info", "claude reader");
+    assert!(
+        line.contains("bridge.service: root (no User=) runs as root")
+            && line.contains("cred-watch doctor --user <worker user>")
+            && line.contains("workers"),
+        "{line}"
+    );
+    if is_root() {
+        let (_, out) = d.run(&["--user", "nobody"]);
+        assert!(!out.contains("info claude reader"), "{out}");
+        d.line_with(&out, "fail", "claude reader nobody", "cannot open");
+    }
+}
+
+#[test]
+fn reader_fix_follows_the_cause_and_never_loosens_a_broken_source() {
+    needs_root!("reader_fix_follows_the_cause_and_never_loosens_a_broken_source");
+    let env = Env::new();
+    let config = CONFIG.replace(
+        "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\nmode = \"0640\"\ndrop_keys = [\"mcpOAuth\"]\n",
+        "",
+    );
+    let d = Doctor::new(&env, &config);
+    let home = env.path("home");
+    fs::create_dir_all(src(&env).parent().unwrap()).unwrap();
+    set_mode(&home, 0o700);
+    let reader = "claude reader nobody";
+    let loosening = |line: &str| line.contains("traverse") || line.contains("0644");
+    // Absent.
+    let (_, out) = d.run(&["--user", "nobody"]);
+    let line = d.line(&out, "fail", reader);
+    assert!(line.contains("fix: fix the source first"), "{line}");
+    assert!(!loosening(&line), "{line}");
+    // Refused.
+    write_atomic(&src(&env), "{\"claudeAiOauth\": {}}");
+    set_mode(&src(&env), 0o644);
+    let (_, out) = d.run(&["--user", "nobody"]);
+    let line = d.line(&out, "fail", reader);
+    assert!(line.contains("fix: fix the source first"), "{line}");
+    assert!(!loosening(&line), "{line}");
+    // Valid: the directory without the search bit is named, and the fix
+    // is the one for it (traverse is configured: sync adds the bits).
+    write_atomic(&src(&env), &creds(1));
+    set_mode(&src(&env), 0o644);
+    let (_, out) = d.run(&["--user", "nobody"]);
+    let line = d.line(&out, "fail", reader);
+    assert!(
+        line.contains(&format!(
+            "{} is 0700 root:root and nobody (no process of the units runs as it",
+            home.display()
+        )) && line.contains("has no search bit there")
+            && line.contains("fix: run `cred-watch sync` (traverse = true adds the search bits"),
+        "{line}"
+    );
+    // The file's own mode, once the directories are searchable.
+    set_mode(&home, 0o711);
+    set_mode(&src(&env), 0o600);
+    let (_, out) = d.run(&["--user", "nobody"]);
+    let line = d.line(&out, "fail", reader);
+    assert!(
+        line.contains("the source is 0600 root:root: no read permission for nobody")
+            && line.contains("fix: set [watch.permissions] file_mode = \"0644\""),
+        "{line}"
+    );
+}
