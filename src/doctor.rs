@@ -125,7 +125,14 @@ pub fn diagnose(settings: &Settings, users: &[String], query: &mut dyn UnitQuery
         check_permissions(&mut r, w);
         check_copies(&mut r, w, valid.as_ref());
         let mut units = Vec::new();
-        systemd_ok &= check_units(&mut r, w, query, &mut units, valid.is_some());
+        systemd_ok &= check_units(
+            &mut r,
+            w,
+            query,
+            &mut units,
+            valid.is_some(),
+            state.watches.get(&w.name).and_then(|rec| rec.written_ms),
+        );
         check_readers(&mut r, w, users, &units, valid.is_some());
         check_keeper_state(&mut r, w, &state);
     }
@@ -144,6 +151,7 @@ fn check_units(
     query: &mut dyn UnitQuery,
     units: &mut Vec<UnitIdents>,
     source_valid: bool,
+    written_ms: Option<i64>,
 ) -> bool {
     let mut asked = true;
     for unit in w.restart.iter().flat_map(|x| &x.units) {
@@ -159,6 +167,9 @@ fn check_units(
             }
             Ok(info) => {
                 check_unit(r, w, unit, &info, source_valid);
+                if source_valid {
+                    check_in_sync(r, w, unit, &info, written_ms);
+                }
                 if info.load_state == "loaded" && unit.ends_with(".service") {
                     let found = check_consumer(r, w, unit, &info, Role::Consumer, source_valid);
                     units.extend(found);
@@ -167,6 +178,41 @@ fn check_units(
         }
     }
     asked & check_refresher(r, w, query, source_valid)
+}
+
+/// Restarts follow state: a running unit started before the credential it
+/// should use was written holds an older one.
+fn check_in_sync(
+    r: &mut Report,
+    w: &WatchSettings,
+    unit: &str,
+    info: &crate::systemd::UnitInfo,
+    written_ms: Option<i64>,
+) {
+    let (Some(written), Some(since)) = (written_ms, info.active_since_ms) else {
+        return;
+    };
+    let check = format!("{} in sync {unit}", w.name);
+    if since < written {
+        r.add(
+            check,
+            Level::Fail,
+            format!(
+                "started at {} before the credential it should use was written ({}): it holds an older one",
+                fmt_ms(since),
+                fmt_ms(written)
+            ),
+            Some("cred-watch sync (it restarts exactly the units that need it), or let the running agent do it"),
+        );
+    } else {
+        r.ok(
+            check,
+            format!(
+                "started after the credential it should use was written ({})",
+                fmt_ms(written)
+            ),
+        );
+    }
 }
 
 /// The fix for a source that is absent: only its owner's CLI writes it.

@@ -301,6 +301,8 @@ pub struct UnitInfo {
     pub environment_files: Vec<(String, bool)>,
     /// Processes in the unit's cgroup.
     pub pids: Vec<u32>,
+    /// When it entered the active state (ms since the epoch), if it runs.
+    pub active_since_ms: Option<i64>,
 }
 
 /// Read-only questions to the service manager (for `doctor`).
@@ -409,6 +411,11 @@ impl UnitQuery for SystemdQuery {
             let load_state = unit.load_state().await?;
             let active_state = unit.active_state().await?;
             let mut info = UnitInfo::default();
+            if matches!(active_state.as_str(), "active" | "reloading") {
+                let us = unit.active_enter_timestamp().await.unwrap_or(0);
+                info.active_since_ms =
+                    (us > 0).then(|| i64::try_from(us / 1000).unwrap_or(i64::MAX));
+            }
             if name.ends_with(".service") && load_state == "loaded" {
                 let svc: ServiceUnitProxy = property_proxy(&conn, &path).await?;
                 info.user = svc.user().await.unwrap_or_default();

@@ -1013,3 +1013,32 @@ fn reader_fix_follows_the_cause_and_never_loosens_a_broken_source() {
         "{line}"
     );
 }
+
+/// Restarts follow state, and doctor says so: a running unit started
+/// before the credential it should use was written holds an older one.
+#[test]
+fn a_unit_started_before_the_current_credential_is_out_of_sync() {
+    let env = Env::new();
+    let d = Doctor::new(&env, CONFIG);
+    let src = src(&env);
+    fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    d.sync();
+    let unit = |since: i64| {
+        format!(
+            r#"{{"units": {{"bridge.service": {{"load_state": "loaded", "active_state": "active", "active_since_ms": {since}}}}}}}"#
+        )
+    };
+    d.units(&unit(now_ms() - 3_600_000));
+    let (code, out) = d.run(&[]);
+    assert_eq!(code, 1, "{out}");
+    let line = d.line(&out, "fail", "claude in sync bridge.service");
+    assert!(
+        line.contains("before the credential it should use was written"),
+        "{line}"
+    );
+    assert!(line.contains("cred-watch sync"), "{line}");
+    d.units(&unit(now_ms() + 1_000));
+    let (_, out) = d.run(&[]);
+    d.line(&out, "ok", "claude in sync bridge.service");
+}
