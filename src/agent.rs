@@ -146,6 +146,7 @@ impl Agent {
 
     /// Pending restarts and cooldowns survive an agent restart.
     fn restore_restarts(&mut self) {
+        self.drop_unconfigured_restarts();
         let now = Instant::now();
         let now_wall = now_ms();
         for w in &self.settings.watches {
@@ -164,6 +165,26 @@ impl Agent {
                 }
                 self.sched
                     .restore(unit, plan(r), last_start, rec.pending, now);
+            }
+        }
+    }
+
+    /// A unit no longer configured (renamed, removed, a typo fixed) owes
+    /// nothing any more: it is not retried, and the state forgets it.
+    fn drop_unconfigured_restarts(&mut self) {
+        let configured: std::collections::BTreeSet<&String> = self
+            .settings
+            .watches
+            .iter()
+            .flat_map(|w| w.restart.iter().flat_map(|r| &r.units))
+            .collect();
+        self.sched
+            .retain(|unit| configured.contains(&unit.to_string()));
+        for (unit, rec) in self.state.units.iter_mut() {
+            if rec.pending && !configured.contains(unit) {
+                info!("{unit} is no longer configured: its pending restart is dropped");
+                rec.in_sync();
+                self.dirty = true;
             }
         }
     }

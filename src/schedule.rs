@@ -233,6 +233,12 @@ impl Scheduler {
         Some(backoff)
     }
 
+    /// Keeps only the units `keep` accepts (a reload's new configuration).
+    /// A job already running for a dropped unit reports back harmlessly.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.units.retain(|unit, _| keep(unit));
+    }
+
     pub fn is_pending(&self, unit: &str) -> bool {
         self.units
             .get(unit)

@@ -126,6 +126,7 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
     configured_and_started after installed_not_enabled;
     valid_rename_restarts_once after configured_and_started;
     mcp_only_and_corrupt_files_do_not_restart after valid_rename_restarts_once;
+    a_changed_copy_is_restored_and_its_readers_restarted after configured_and_started;
     idle_after_restarts after configured_and_started;
     burst_of_100_renames after configured_and_started;
     missing_unit_is_an_error_and_retried after configured_and_started;
@@ -324,6 +325,29 @@ fn valid_rename_restarts_once(c: &Container, shared: &mut Shared) {
     assert_eq!(c.bridge_starts(), starts + 1, "exactly one restart");
     assert_ne!(c.show("bridge", "InvocationID"), before);
     shared.v2 = Some((v2, want));
+}
+
+/// Copies are watched: someone writes the copy, it is restored at once (no
+/// SIGUSR1, no resync) and its reader restarted once.
+fn a_changed_copy_is_restored_and_its_readers_restarted(c: &Container, _: &mut Shared) {
+    c.settled();
+    let starts = c.bridge_starts();
+    let good = c.ok(&format!("cat {DEST}"));
+    c.ok(&format!("echo '{{}}' > {DEST}"));
+    assert!(
+        common::wait_until(Duration::from_secs(10), || c.ok(&format!("cat {DEST}"))
+            == good),
+        "copy not restored:\n{}",
+        c.journal()
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(10), || c.bridge_starts() == starts + 1),
+        "{}",
+        c.journal()
+    );
+    c.settled();
+    assert_eq!(c.bridge_starts(), starts + 1, "exactly one restart");
+    assert!(c.journal().contains("was modified by another writer"));
 }
 
 /// MCP-only rewrite and a corrupted token: no restart.

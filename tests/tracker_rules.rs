@@ -158,3 +158,75 @@ fn a_bridge_started_after_the_change_is_not_restarted_for_it() {
     assert!(wait_until(Duration::from_secs(5), || env.restarts().len() == 1));
     agent.stop();
 }
+
+/// Operator round 2, item 4: a misspelled unit fails; once the name is
+/// fixed and the configuration reloaded, the real bridge (older than the
+/// token) is restarted, and the removed name is neither retried nor left
+/// pending.
+#[test]
+fn a_fixed_unit_name_restarts_the_real_unit_and_drops_the_typo() {
+    let env = Env::new();
+    let (k, v) = with_bridge_started_at(&env, now_ms() - 60_000);
+    let src = source_path(&env);
+    write_atomic(&src, &creds(1));
+    let typo = "[watch.restart]\nunits = [\"bridge-prodution.service\"]\nmin_interval = \"0s\"\n";
+    let config = env.config(&standard_config(typo));
+    let agent = Agent::start_with(
+        &env,
+        &config,
+        &[
+            (&k, &v),
+            ("CRED_WATCH_TEST_RESTART_FAIL", "bridge-prodution.service"),
+        ],
+    );
+    write_atomic(&src, &creds(2));
+    assert!(
+        agent.wait_log(
+            "restart of bridge-prodution.service failed",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        agent.stderr()
+    );
+    env.config(&standard_config(BRIDGE));
+    agent.signal(libc::SIGHUP);
+    assert!(
+        agent.wait_log("its pending restart is dropped", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || env
+            .restarts()
+            .iter()
+            .any(|u| u == "bridge.service")),
+        "the real bridge is restarted: {:?}\n{}",
+        env.restarts(),
+        agent.stderr()
+    );
+    let tries = env
+        .restarts()
+        .iter()
+        .filter(|u| *u == "bridge-prodution.service")
+        .count();
+    // Past its backoff, the typo would have been tried again.
+    std::thread::sleep(Duration::from_millis(2500));
+    round_trip(&env, &agent);
+    let after = env
+        .restarts()
+        .iter()
+        .filter(|u| *u == "bridge-prodution.service")
+        .count();
+    assert_eq!(
+        after,
+        tries,
+        "the removed unit is retried:\n{}",
+        agent.stderr()
+    );
+    let state = read_json(&env.path("state/state.json")).unwrap();
+    assert_ne!(
+        state["units"]["bridge-prodution.service"]["pending"], true,
+        "{state}"
+    );
+    agent.stop();
+}
