@@ -412,7 +412,14 @@ impl Agent {
         let jobs = self.sched.take_due(now.at);
         if !jobs.is_empty() {
             for job in &jobs {
-                info!("restarting {} ({})", job.unit, job.plan.action.method());
+                if job.need.must {
+                    info!("restarting {} ({})", job.unit, job.plan.action.method());
+                } else {
+                    debug!(
+                        "{}: restart if it started before the credential was written",
+                        job.unit
+                    );
+                }
             }
             let units: Vec<&str> = jobs.iter().map(|j| j.unit.as_str()).collect();
             self.set_status(&format!("restarting {}", units.join(", ")));

@@ -125,8 +125,8 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
     installed_not_enabled;
     configured_and_started after installed_not_enabled;
     valid_rename_restarts_once after configured_and_started;
+    a_changed_copy_is_restored_and_its_readers_restarted after valid_rename_restarts_once;
     mcp_only_and_corrupt_files_do_not_restart after valid_rename_restarts_once;
-    a_changed_copy_is_restored_and_its_readers_restarted after configured_and_started;
     idle_after_restarts after configured_and_started;
     burst_of_100_renames after configured_and_started;
     missing_unit_is_an_error_and_retried after configured_and_started;
@@ -328,7 +328,8 @@ fn valid_rename_restarts_once(c: &Container, shared: &mut Shared) {
 }
 
 /// Copies are watched: someone writes the copy, it is restored at once (no
-/// SIGUSR1, no resync) and its reader restarted once.
+/// SIGUSR1, no resync) and its reader restarted once. (With the source
+/// valid: while it is refused there is nothing good to restore from.)
 fn a_changed_copy_is_restored_and_its_readers_restarted(c: &Container, _: &mut Shared) {
     c.settled();
     let starts = c.bridge_starts();
