@@ -26,7 +26,16 @@ pub trait ServiceManager: Send {
     fn started_at_ms(&mut self, _unit: &str) -> Option<i64> {
         None
     }
+
+    /// How to tell, a moment after a `done` restart, that the unit is still
+    /// running (none: cannot be told).
+    fn running_check(&self) -> Option<RunningCheck> {
+        None
+    }
 }
+
+/// Checks that a unit is running (see [`ServiceManager::running_check`]).
+pub type RunningCheck = fn(&str) -> anyhow::Result<()>;
 
 /// Whether a restart owed for `need` is still needed: the unit was last
 /// started before the credential it should use was written, or that is
@@ -75,19 +84,11 @@ impl ServiceManager for Systemd {
         action: RestartAction,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        zbus::block_on(restart_and_wait(unit, action, timeout))?;
-        if matches!(
-            action,
-            RestartAction::Restart | RestartAction::ReloadOrRestart
-        ) {
-            // `done` only says the job ran (systemd #22369): a process that
-            // exits at once is still "active" right then. A moment later,
-            // on this worker thread (never the event loop), the unit must
-            // still be running.
-            std::thread::sleep(RUNNING_CHECK_DELAY);
-            zbus::block_on(running_after_restart(unit))?;
-        }
-        Ok(())
+        zbus::block_on(restart_and_wait(unit, action, timeout))
+    }
+
+    fn running_check(&self) -> Option<RunningCheck> {
+        Some(|unit| zbus::block_on(running_after_restart(unit)))
     }
 
     fn started_at_ms(&mut self, unit: &str) -> Option<i64> {
@@ -114,6 +115,41 @@ async fn active_since_ms(unit: &str) -> anyhow::Result<Option<i64>> {
     }
     let us = proxy.active_enter_timestamp().await?;
     Ok((us > 0).then(|| i64::try_from(us / 1000).unwrap_or(i64::MAX)))
+}
+
+/// `done` only says the job ran (systemd #22369): a process that exits at
+/// once is still "active" right then. A moment later, on a thread of its
+/// own (the worker goes on with the next job), the unit must still be
+/// running; if not, a failed restart is reported after the `done`.
+fn verify_later(
+    running: RunningCheck,
+    unit: &str,
+    out_tx: &mpsc::Sender<Outcome>,
+    wake_tx: &UnixStream,
+) {
+    let (unit, out_tx) = (unit.to_string(), out_tx.clone());
+    let Ok(mut wake_tx) = wake_tx.try_clone() else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("running-check".into())
+        .spawn(move || {
+            std::thread::sleep(RUNNING_CHECK_DELAY);
+            if let Err(e) = running(&unit) {
+                let failed = Outcome {
+                    unit,
+                    action: RestartAction::Restart,
+                    skipped: false,
+                    result: Err(format!("{e:#}")),
+                };
+                if out_tx.send(failed).is_ok() {
+                    let _ = wake_tx.write_all(&[1]);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot check that the restarted unit runs: {e}");
+    }
 }
 
 /// How long after a `done` restart the unit must still be running.
@@ -244,6 +280,14 @@ impl Worker {
                                 .restart(&job.unit, job.plan.action, job.plan.timeout)
                                 .map_err(|e| format!("{e:#}"))
                         };
+                        let check = matches!(
+                            job.plan.action,
+                            RestartAction::Restart | RestartAction::ReloadOrRestart
+                        ) && !skipped
+                            && result.is_ok();
+                        if let (true, Some(running)) = (check, manager.running_check()) {
+                            verify_later(running, &job.unit, &out_tx, &wake_tx);
+                        }
                         if out_tx
                             .send(Outcome {
                                 unit: job.unit,
