@@ -99,10 +99,7 @@ fn sync_watch(w: &WatchSettings, st: &mut State, dry_run: bool, rescue_dir: &Pat
     let mut tracker = Tracker::new(Some(rec));
     let effects = tracker.on_read(w, rec, result, true, Now::current());
     let need = effects.iter().fold(Need::default(), |acc, e| match e {
-        Effect::Restart(_, need) => Need {
-            written_ms: acc.written_ms.max(need.written_ms),
-            must: acc.must || need.must,
-        },
+        Effect::Restart(_, need) => acc.merge(*need),
         _ => acc,
     });
     (healthy, need)
@@ -179,10 +176,10 @@ fn sync_restarts(
     let mut healthy = true;
     for unit in &r.units {
         let pending = st.units.get(unit).is_some_and(|u| u.pending);
-        let need = Need {
-            written_ms: need.written_ms.max(written),
-            must: need.must || pending,
-        };
+        let need = need.merge(Need {
+            written_ms: written,
+            must: pending,
+        });
         let Some(manager) = manager.as_mut() else {
             if need.must {
                 println!("{}: would restart {unit}", w.name);
@@ -191,7 +188,7 @@ fn sync_restarts(
         };
         let u = st.units.entry(unit.clone()).or_default();
         if !crate::systemd::restart_needed(manager.as_mut(), unit, need) {
-            if need.must || need.written_ms.is_some_and(|_| pending) {
+            if need.must {
                 println!(
                     "{}: {unit} started after the credential was written: in sync",
                     w.name
@@ -353,9 +350,8 @@ fn print_keeper_status(w: &WatchSettings, rec: &crate::state::WatchRecord) {
     }
     if rec.rescued > 0 {
         println!(
-            "  RESCUED {} newer credential(s) from copies (a consumer refreshed): see the journal and {}",
-            rec.rescued,
-            st_dir_hint()
+            "  RESCUED {} newer credential(s) from copies (a consumer refreshed): see the journal and state_dir/rescued-*.json",
+            rec.rescued
         );
     }
     if let (Some(r), Some(unit)) = (&rec.refresh, w.refresh.as_ref().map(|r| &r.unit)) {
@@ -408,8 +404,4 @@ fn ask_agent(dir: &Path) -> anyhow::Result<State> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn st_dir_hint() -> &'static str {
-    "state_dir/rescued-*.json"
 }

@@ -46,21 +46,17 @@ fn seconds(ms: i64) -> f64 {
     ms as f64 / 1000.0
 }
 
-type Recs<'a> = [(&'a str, crate::state::WatchRecord)];
+type Recs<'a> = [(&'a str, &'a crate::state::WatchRecord)];
 
 /// The metrics for `state`. `source_ok(n)`: watch `n`'s source is present,
 /// valid and applied.
 pub fn render(settings: &Settings, state: &State, source_ok: &dyn Fn(usize) -> bool) -> String {
     let mut out = String::new();
+    let none = crate::state::WatchRecord::default();
     let recs: Vec<_> = settings
         .watches
         .iter()
-        .map(|w| {
-            (
-                w.name.as_str(),
-                state.watches.get(&w.name).cloned().unwrap_or_default(),
-            )
-        })
+        .map(|w| (w.name.as_str(), state.watches.get(&w.name).unwrap_or(&none)))
         .collect();
     gauges(&mut out, &recs, source_ok);
     refusals(&mut out, &recs);

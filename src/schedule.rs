@@ -33,7 +33,7 @@ pub struct Need {
 
 impl Need {
     /// Both needs at once: the later credential, and a must if either is.
-    fn merge(self, other: Need) -> Need {
+    pub fn merge(self, other: Need) -> Need {
         Need {
             written_ms: self.written_ms.max(other.written_ms),
             must: self.must || other.must,

@@ -627,10 +627,7 @@ fn broken_configuration_fails_without_a_loop(c: &Container, _: &mut Shared) {
 /// `systemctl reload` with a typo in the configuration fails (non-zero,
 /// with the reason) and the agent keeps running its configuration.
 fn reload_with_a_typo_fails_visibly(c: &Container, _: &mut Shared) {
-    let _restore = OnFailure(|| {
-        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-        put_back(c, "systemctl reload cred-watch");
-    });
+    let _restore = OnFailure(|| put_back_config(c));
     let pid = c.show("cred-watch", "MainPID");
     c.sh_input(
         "cat > /etc/cred-watch/cred-watch.toml",
@@ -648,8 +645,7 @@ fn reload_with_a_typo_fails_visibly(c: &Container, _: &mut Shared) {
     );
     assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
     assert_eq!(c.show("cred-watch", "MainPID"), pid, "still the same agent");
-    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-    c.ok("systemctl reload cred-watch");
+    restore_config(c);
 }
 
 /// The old way side by side, under the same burst: a .path unit with
@@ -771,6 +767,19 @@ fn config_with(agent_extra: &str, watch_extra: &str) -> String {
         )
 }
 
+/// The base configuration back, reloaded (for `OnFailure`: reports
+/// instead of panicking).
+fn put_back_config(c: &Container) {
+    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+    put_back(c, "systemctl reload cred-watch");
+}
+
+/// The base configuration back, reloaded, at the end of a step.
+fn restore_config(c: &Container) {
+    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
+    c.ok("systemctl reload cred-watch");
+}
+
 /// Applies a configuration and waits until the agent has reloaded it.
 fn reload_with(c: &Container, toml: &str) {
     c.sh_input("cat > /etc/cred-watch/cred-watch.toml", toml);
@@ -795,10 +804,7 @@ mv -f /root/.claude/.credentials.json.tmp.r /root/.claude/.credentials.json
 /// refreshed through the unit exactly once, propagated without its refresh
 /// token, and the bridge restarted exactly once.
 fn refresh_through_a_real_oneshot_unit(c: &Container, shared: &mut Shared) {
-    let _restore = OnFailure(|| {
-        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-        put_back(c, "systemctl reload cred-watch");
-    });
+    let _restore = OnFailure(|| put_back_config(c));
     c.sh_input(
         "mkdir -p /usr/local/bin && cat > /usr/local/bin/fake-claude-auth-status && chmod 755 /usr/local/bin/fake-claude-auth-status",
         FAKE_CLI,
@@ -854,17 +860,13 @@ fn refresh_through_a_real_oneshot_unit(c: &Container, shared: &mut Shared) {
         "| refresh through a real oneshot unit | 1 run, 2 bridge restarts, {:.1} s |",
         t0.elapsed().as_secs_f64()
     ));
-    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-    c.ok("systemctl reload cred-watch");
+    restore_config(c);
 }
 
 /// `[agent] alert_unit` with the packaged example: a refused source starts
 /// it once and it logs at priority err.
 fn alert_unit_on_a_refused_source(c: &Container, _: &mut Shared) {
-    let _restore = OnFailure(|| {
-        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-        put_back(c, "systemctl reload cred-watch");
-    });
+    let _restore = OnFailure(|| put_back_config(c));
     let example = "/usr/share/doc/cred-watch/examples/cred-watch-alert@.service";
     c.ok(&format!("dpkg -L cred-watch | grep -qx {example}"));
     c.sh_input(
@@ -921,18 +923,14 @@ fn alert_unit_on_a_refused_source(c: &Container, _: &mut Shared) {
         SRC,
         &common::creds_exp(81, common::now_ms() + 9 * 3_600_000),
     );
-    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-    c.ok("systemctl reload cred-watch");
+    restore_config(c);
     c.settled();
 }
 
 /// A unit whose process exits at once: the restart job is `done`, but the
 /// unit is not running, and that is reported as a failed restart.
 fn a_restart_into_an_exiting_unit_is_a_failure(c: &Container, _: &mut Shared) {
-    let _restore = OnFailure(|| {
-        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-        put_back(c, "systemctl reload cred-watch");
-    });
+    let _restore = OnFailure(|| put_back_config(c));
     c.ok("printf '[Service]\\nExecStart=/bin/sh -c \"exit 1\"\\n' > /etc/systemd/system/crash.service && systemctl daemon-reload");
     let crash = "[[watch]]\nname = \"crash\"\nsource = \"/root/crash/.credentials.json\"\n[watch.restart]\nunits = [\"crash.service\"]\nmin_interval = \"0s\"\n";
     c.write_creds("/root/crash/.credentials.json", &creds(91));
@@ -947,17 +945,13 @@ fn a_restart_into_an_exiting_unit_is_a_failure(c: &Container, _: &mut Shared) {
         "{}",
         c.journal()
     );
-    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-    c.ok("systemctl reload cred-watch");
+    restore_config(c);
 }
 
 /// doctor's consumer check on real systemd: User=, Group= and Environment=
 /// read over D-Bus, the copy found through CLAUDE_SECURESTORAGE_CONFIG_DIR.
 fn doctor_reads_a_consumer_unit_over_dbus(c: &Container, _: &mut Shared) {
-    let _restore = OnFailure(|| {
-        c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-        put_back(c, "systemctl reload cred-watch");
-    });
+    let _restore = OnFailure(|| put_back_config(c));
     c.ok("id worker >/dev/null 2>&1 || useradd -r -M -d /nonexistent -G claude-credentials worker");
     c.ok("printf '[Service]\\nUser=worker\\nEnvironment=CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/claude-credentials ANTHROPIC_BASE_URL=http://127.0.0.1:9\\nExecStart=/bin/sleep infinity\\n' > /etc/systemd/system/consumer.service && systemctl daemon-reload && systemctl start consumer");
     let toml = config("0640").replacen(
@@ -985,8 +979,7 @@ fn doctor_reads_a_consumer_unit_over_dbus(c: &Container, _: &mut Shared) {
         "{out}"
     );
     c.ok("systemctl stop consumer");
-    c.sh_input("cat > /etc/cred-watch/cred-watch.toml", &config("0640"));
-    c.ok("systemctl reload cred-watch");
+    restore_config(c);
 }
 
 /// No token text anywhere it could leak.

@@ -53,12 +53,6 @@ fn race_for(time: Duration, mut f: impl FnMut() + Send + 'static) -> std::thread
     })
 }
 
-/// SIGUSR1 and wait until the state records a reconcile after it: proof
-/// the agent has handled everything before.
-fn round_trip(env: &Env, agent: &Agent) {
-    common::round_trip(env, agent);
-}
-
 /// Item 2: the CLI user swaps `~/.claude` with a root-owned 0700 directory
 /// in its home while the agent works: only the directories whose
 /// descriptors led to the file that was read get search bits.

@@ -24,22 +24,9 @@ fn writes_in_ancestor_directories_do_not_wake_the_agent() {
     let env = Env::new();
     let src = source_path(&env);
     write_atomic(&src, &creds(1));
-    let agent = Agent::start(
-        &env,
-        &env.config(&standard_config(
-            "[watch.permissions]\nfile_mode = \"0644\"\n",
-        )),
-    );
-    let state = env.path("state/state.json");
-    let reconciled = || {
-        read_json(&state)
-            .and_then(|s| s["agent"]["last_reconcile_ms"].as_i64())
-            .unwrap_or(0)
-    };
+    let agent = Agent::start(&env, &env.config(&standard_config(PERMS_0644)));
     // Settle: the first state write and whatever start-up left.
-    let asked = now_ms();
-    agent.signal(libc::SIGUSR1);
-    assert!(wait_until(Duration::from_secs(5), || reconciled() >= asked));
+    round_trip(&env, &agent);
     let before = wakeups(agent.pid());
     let history = env.path("home/.bash_history");
     for i in 0..200 {
@@ -61,9 +48,7 @@ fn writes_in_ancestor_directories_do_not_wake_the_agent() {
     // Proof that the agent has read everything queued before: a SIGUSR1
     // round trip. It costs a dozen switches itself (the reconcile, the
     // state write and its fsync); one wake-up per write would be 200+.
-    let asked = now_ms();
-    agent.signal(libc::SIGUSR1);
-    assert!(wait_until(Duration::from_secs(5), || reconciled() >= asked));
+    round_trip(&env, &agent);
     let woken = wakeups(agent.pid()) - before;
     assert!(
         woken <= 40,

@@ -53,16 +53,6 @@ fn state_refresh(env: &Env) -> serde_json::Value {
         .clone()
 }
 
-fn round_trip(env: &Env, agent: &Agent) {
-    let asked = now_ms();
-    agent.signal(libc::SIGUSR1);
-    assert!(wait_until(Duration::from_secs(10), || read_json(
-        &env.path("state/state.json")
-    )
-    .and_then(|s| s["agent"]["last_reconcile_ms"].as_i64())
-    .is_some_and(|t| t >= asked)));
-}
-
 fn write_later_token(src: &Path, seq: u64) -> String {
     let text = creds_exp(seq, now_ms() + 8 * 3_600_000);
     write_atomic(src, &text);
