@@ -461,7 +461,7 @@ impl Agent {
                 continue;
             }
             if out.skipped {
-                self.sched.finished(&out.unit, true, now.at);
+                self.sched.skipped(&out.unit);
                 if !self.sched.is_pending(&out.unit) {
                     self.state
                         .units

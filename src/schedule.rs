@@ -52,6 +52,9 @@ struct Unit {
     /// Not before this (settle after the latest change, or backoff).
     not_before: Option<Instant>,
     last_start: Option<Instant>,
+    /// `last_start` before the job in flight (put back if it restarts
+    /// nothing).
+    prev_start: Option<Instant>,
     in_flight: bool,
     failures: u32,
 }
@@ -114,6 +117,7 @@ impl Scheduler {
             pending_since: None,
             not_before: None,
             last_start: None,
+            prev_start: None,
             in_flight: false,
             failures: 0,
         });
@@ -201,7 +205,7 @@ impl Scheduler {
                 u.pending_since = None;
                 u.not_before = None;
                 u.in_flight = true;
-                u.last_start = Some(now);
+                u.prev_start = u.last_start.replace(now);
                 Job {
                     unit: name,
                     plan: u.plan.clone(),
@@ -237,6 +241,20 @@ impl Scheduler {
     /// A job already running for a dropped unit reports back harmlessly.
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.units.retain(|unit, _| keep(unit));
+    }
+
+    /// The job in flight restarted nothing (the unit was already in sync):
+    /// it does not count for `min_interval`.
+    pub fn skipped(&mut self, unit: &str) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        u.in_flight = false;
+        u.failures = 0;
+        u.last_start = u.prev_start;
+        if !u.pending {
+            u.need = Need::default();
+        }
     }
 
     pub fn is_pending(&self, unit: &str) -> bool {
@@ -338,5 +356,25 @@ mod tests {
             s.take_due(at);
             assert!(s.finished("a.service", false, at).unwrap() <= Duration::from_secs(300));
         }
+    }
+
+    /// A check that restarted nothing (the unit was in sync) does not hold
+    /// the next real restart back by `min_interval`.
+    #[test]
+    fn a_skipped_check_does_not_count_as_a_restart() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Duration::ZERO);
+        let check = Need {
+            written_ms: Some(1),
+            must: false,
+        };
+        s.request("a.service", plan(10), check, t0);
+        assert_eq!(s.take_due(t0).len(), 1);
+        s.skipped("a.service");
+        let t1 = t0 + Duration::from_millis(100);
+        s.request("a.service", plan(10), MUST, t1);
+        let jobs = s.take_due(t1);
+        assert_eq!(jobs.len(), 1, "held back by the check's min_interval");
+        assert!(jobs[0].need.must);
     }
 }
