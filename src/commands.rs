@@ -350,7 +350,7 @@ fn print_keeper_status(w: &WatchSettings, rec: &crate::state::WatchRecord) {
     }
     if rec.rescued > 0 {
         println!(
-            "  RESCUED {} newer credential(s) from copies (a consumer refreshed): see the journal and state_dir/rescued-*.json",
+            "  RESCUED {} newer credential(s) from copies (a consumer refreshed): see the journal and state_dir/rescued-<watch>.json",
             rec.rescued
         );
     }

@@ -258,18 +258,23 @@ fn rescue_newer(
     if !newer || !theirs.has_refresh_token() {
         return Ok(None);
     }
-    let name = format!(
-        "rescued-{}-{}-{}.json",
-        w.name,
-        now,
-        theirs.fingerprint.short()
-    );
+    // One file per watch, holding the newest credential ever found: the
+    // latest rotation is the live one, and a consumer writing forged
+    // "newer" copies in a loop cannot fill `state_dir`.
+    let name = format!("rescued-{}.json", w.name);
     let fd = fsutil::open_private_dir(dir, Some(0o700), false)?;
-    let meta = fsutil::FileMeta {
-        owner: None,
-        group: None,
-        mode: 0o600,
-    };
-    fsutil::replace_file(fd.as_fd(), dir, name.as_ref(), current, meta)?;
+    let saved = fsutil::read_entry(fd.as_fd(), dir, name.as_ref(), crate::source::MAX_SIZE)?;
+    let have_newer = saved.is_some_and(|(_, bytes)| {
+        validate::validate(w.format, &bytes, now, None, w.policy())
+            .is_ok_and(|kept| kept.expires_at >= theirs.expires_at)
+    });
+    if !have_newer {
+        let meta = fsutil::FileMeta {
+            owner: None,
+            group: None,
+            mode: 0o600,
+        };
+        fsutil::replace_file(fd.as_fd(), dir, name.as_ref(), current, meta)?;
+    }
     Ok(Some(dir.join(name)))
 }

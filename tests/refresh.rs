@@ -236,14 +236,30 @@ fn a_newer_credential_in_a_copy_is_saved_before_the_copy_is_restored() {
         log.contains("ERROR") && log.contains("held a newer credential"),
         "{log}"
     );
-    // An older or equal credential in the copy is only a tampering warning.
+    // A consumer writing forged "newer" copies in a loop cannot fill
+    // state_dir: one file per watch, holding the newest credential found.
+    let newest = creds_exp(3, now_ms() + 9 * 3_600_000);
+    for text in [
+        newest.clone(),
+        creds_exp(4, now_ms() + 8 * 3_600_000 + 60_000),
+    ] {
+        write_atomic(&dest, &text);
+        round_trip(&env, &agent);
+        assert_eq!(read_json(&dest), Some(copied(&source)), "copy restored");
+    }
+    assert_eq!(
+        fs::read_to_string(&saved[0]).unwrap(),
+        newest,
+        "the newest is kept"
+    );
+    // Garbage in the copy is only a tampering warning.
     write_atomic(&dest, "{}");
     round_trip(&env, &agent);
     assert_eq!(read_json(&dest), Some(copied(&source)));
     let (status, _) = agent.stop();
     assert!(status.success());
     let (_, out, _) = env.cmd(&["status", "--config", config.to_str().unwrap()]);
-    assert!(out.contains("RESCUED 1"), "{out}");
+    assert!(out.contains("RESCUED 3"), "{out}");
     let rescued_files = fs::read_dir(env.path("state")).unwrap().count();
     assert_eq!(rescued_files, 3, "state.json, lock and one rescued file");
 }
