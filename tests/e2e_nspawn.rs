@@ -13,12 +13,14 @@
 mod common;
 #[path = "e2e/container.rs"]
 mod container;
+#[path = "e2e/steps.rs"]
+mod steps;
 use common::assert_no_secret;
 use container::Container;
-use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use steps::{put_back, steps, OnFailure};
 
 fn creds(seq: u64) -> String {
     common::creds(seq)
@@ -99,8 +101,7 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     Some((rootfs, deb_dir))
 }
 
-/// A step: runs in the booted container, asserts what it checks.
-type Step = fn(&Container, &mut Shared);
+type Step = steps::Step<Shared>;
 
 /// What steps hand on to later ones.
 #[derive(Default)]
@@ -110,13 +111,6 @@ struct Shared {
     /// The second credentials (step `valid_rename_restarts_once`) and the
     /// copy made of them: the last good copy for the next step.
     v2: Option<(String, serde_json::Value)>,
-}
-
-/// `name after needed, steps;` lines to the `(name, needs, step)` table.
-macro_rules! steps {
-    ($($step:ident $(after $($need:ident),+)?;)*) => {
-        &[$((stringify!($step), &[$($(stringify!($need)),+)?], $step as Step)),*]
-    };
 }
 
 /// The steps in order, each after the steps it needs to have passed (the
@@ -153,108 +147,10 @@ fn e2e_on_real_systemd() {
     let Some((rootfs, deb_dir)) = prerequisites() else {
         return;
     };
-    record_panic_locations();
     let c = Container::boot("cred-watch-e2e", &rootfs, &deb_dir);
     let mut shared = Shared::default();
-    let mut passed: Vec<&str> = Vec::new();
-    let mut failed: Vec<String> = Vec::new();
-    for &(name, needs, step) in STEPS {
-        let missing: Vec<&str> = needs
-            .iter()
-            .copied()
-            .filter(|n| !passed.contains(n))
-            .collect();
-        if !missing.is_empty() {
-            let why = format!("skipped: needs {}", missing.join(", "));
-            eprintln!("step {name}: FAILED: {why}");
-            failed.push(format!("{name} ({why})"));
-            continue;
-        }
-        let t = Instant::now();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| step(&c, &mut shared))) {
-            Ok(()) => {
-                eprintln!("step {name}: ok ({:.1}s)", t.elapsed().as_secs_f64());
-                passed.push(name);
-            }
-            Err(panic) => {
-                let why = panic_reason(&panic);
-                eprintln!("step {name}: FAILED: {why}");
-                failed.push(format!("{name} ({why})"));
-            }
-        }
-    }
-
-    let report = shared.report.join("\n");
-    eprintln!("\n{report}");
-    let _ = std::fs::write(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-report.md"),
-        format!("{report}\n"),
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} e2e steps failed:\n  {}",
-        failed.len(),
-        STEPS.len(),
-        failed.join("\n  ")
-    );
-}
-
-/// Where the last panic happened, for the step's one-line reason.
-static LAST_PANIC_AT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-
-/// Keeps the default panic output (the whole message, with the journal
-/// where an assertion adds it) and records the location.
-fn record_panic_locations() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if let Some(at) = info.location() {
-            *LAST_PANIC_AT.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(format!("{}:{}", at.file(), at.line()));
-        }
-        default(info);
-    }));
-}
-
-/// Where a step panicked and the first line of the message.
-fn panic_reason(panic: &Box<dyn std::any::Any + Send>) -> String {
-    let msg = panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("panic");
-    let first: String = msg
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .chars()
-        .take(200)
-        .collect();
-    let at = LAST_PANIC_AT
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .unwrap_or_default();
-    format!("at {at}: {first}")
-}
-
-/// Runs its closure if the step fails (panics) while it is alive: what the
-/// step changed in the container's setup is put back for the steps after it.
-struct OnFailure<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for OnFailure<F> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            (self.0)();
-        }
-    }
-}
-
-/// `c.sh`, reporting a failure instead of panicking (for `OnFailure`).
-fn put_back(c: &Container, script: &str) {
-    let (code, out, err) = c.sh(script);
-    if code != 0 {
-        eprintln!("putting back after a failed step: `{script}`: {out}{err}");
-    }
+    let failed = steps::run(&c, STEPS, &mut shared);
+    steps::finish(&shared.report, "e2e-report.md", &failed, STEPS.len());
 }
 
 fn dest_json(c: &Container) -> Option<serde_json::Value> {

@@ -14,6 +14,16 @@ if [ "$(id -u)" -eq 0 ] && command -v systemd-nspawn >/dev/null && command -v ca
     fi
     CRED_WATCH_E2E_ROOTFS=$(tests/e2e/rootfs.sh)
     export CRED_WATCH_E2E_ROOTFS
+    # The pinned Claude Code CLI for tests/e2e_claude_cli.rs. Only an
+    # unreachable package registry lets that suite skip (it says so).
+    cli_status=0
+    CRED_WATCH_E2E_CLAUDE=$(tests/e2e/claude-cli.sh) || cli_status=$?
+    case $cli_status in
+    0) ;;
+    3) CRED_WATCH_E2E_CLAUDE=unreachable ;;
+    *) echo "tests/run.sh: installing the Claude Code CLI failed" >&2; exit 1 ;;
+    esac
+    export CRED_WATCH_E2E_CLAUDE
 elif [ "${CRED_WATCH_E2E:-}" = required ]; then
     echo "tests/run.sh: end-to-end tests required but not root or no systemd-nspawn/cargo-deb" >&2
     exit 1

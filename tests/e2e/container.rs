@@ -32,6 +32,11 @@ pub struct Container {
 
 impl Container {
     pub fn boot(name: &str, rootfs: &Path, deb_dir: &Path) -> Container {
+        Container::boot_with(name, rootfs, &[(deb_dir, "/mnt/deb")])
+    }
+
+    /// Boots with host directories bound read-only at the given places.
+    pub fn boot_with(name: &str, rootfs: &Path, binds: &[(&Path, &str)]) -> Container {
         let nspawn = Command::new("systemd-nspawn")
             .args(["-q", "-D"])
             .arg(rootfs)
@@ -45,7 +50,11 @@ impl Container {
                 "--volatile=overlay",
                 "--console=pipe",
             ])
-            .arg(format!("--bind-ro={}:/mnt/deb", deb_dir.display()))
+            .args(
+                binds
+                    .iter()
+                    .map(|(host, inside)| format!("--bind-ro={}:{inside}", host.display())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
