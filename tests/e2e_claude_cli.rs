@@ -432,6 +432,12 @@ fn a_consumer_on_the_copy_never_refreshes(c: &Container, shared: &mut Shared) {
         "{:?}",
         mock.log()
     );
+    assert_eq!(
+        mock.count(from, "refresh", None, None),
+        0,
+        "{}",
+        mock.summary()
+    );
     assert_eq!(mock.count(0, "refresh", None, Some(shared.bob)), 0);
     for s in bridge_status(c) {
         assert_eq!(s["loggedIn"], true, "{s}");
