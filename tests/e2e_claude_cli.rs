@@ -367,9 +367,12 @@ fn the_real_cli_refreshes_and_the_copy_follows(c: &Container, shared: &mut Share
         src.expires_at - now_ms() < 300_000,
         "inside the CLI's window"
     );
-    c.ok(&format!(
-        "runuser -u alice -- env HOME=/home/alice {CLI_ENV} claude auth status >/dev/null"
+    // `claude auth status`, run again if it exited before its background
+    // refresh was sent (the shipped helper; see packaging/claude-refresh).
+    let said = c.ok(&format!(
+        "runuser -u alice -- env HOME=/home/alice {CLI_ENV} /usr/libexec/cred-watch/claude-refresh claude"
     ));
+    assert!(said.contains("refreshed the token"), "{said}");
     assert_eq!(
         mock.count(from, "refresh", Some("ok"), Some(shared.alice)),
         1,
@@ -400,7 +403,8 @@ fn the_real_cli_refreshes_and_the_copy_follows(c: &Container, shared: &mut Share
     assert_eq!(c.bridge_starts(), starts + 1, "exactly one restart");
     assert_ne!(c.show("bridge", "InvocationID"), before);
     shared.report.push(format!(
-        "- the real CLI refreshes (`claude auth status` as the owner): {} refresh, {} invalid_grant, {} bridge restart, {:.1} s",
+        "- the real CLI refreshes (`claude auth status` as the owner, {}): {} refresh, {} invalid_grant, {} bridge restart, {:.1} s",
+        said.trim_start_matches("claude-refresh: the CLI "),
         mock.count(from, "refresh", Some("ok"), None),
         mock.count(from, "refresh", Some("invalid_grant"), None),
         c.bridge_starts() - starts,
@@ -560,8 +564,15 @@ fn the_keeper_refreshes_five_windows_in_a_row(c: &Container, shared: &mut Shared
     for s in bridge_status(c) {
         assert_eq!(s["loggedIn"], true, "{s}");
     }
+    // How often `claude auth status` exited before its refresh was sent.
+    let attempts: Vec<String> = c
+        .ok("journalctl --no-pager -o cat -u claude-refresh | grep -o 'refreshed the token (attempt [0-9]*' | grep -o '[0-9]*$' || true")
+        .lines()
+        .map(str::to_string)
+        .collect();
     shared.report.push(format!(
-        "- the keeper (tokens of 250 s, ahead 4m): {refreshes} refreshes by the refresh unit ({runs} runs), {} invalid_grant, {restarts} bridge restarts, {samples} samples of the copy all valid, {} consumer refreshes, {:.1} s",
+        "- the keeper (tokens of 250 s, ahead 4m): {refreshes} refreshes by the refresh unit ({runs} runs, CLI attempts per run: {}), {} invalid_grant, {restarts} bridge restarts, {samples} samples of the copy all valid, {} consumer refreshes, {:.1} s",
+        attempts.join(" "),
         mock.count(from, "refresh", Some("invalid_grant"), None),
         mock.count(0, "refresh", None, Some(shared.bob)),
         t.elapsed().as_secs_f64()
@@ -607,8 +618,15 @@ fn a_consumer_that_can_refresh_breaks_the_chain(c: &Container, shared: &mut Shar
         "the careless consumer did not refresh: {:?}",
         mock.log()
     );
-    // The source's own refresh, as the keeper would start it.
-    c.sh("systemctl start claude-refresh.service || runuser -u alice -- env HOME=/home/alice NODE_EXTRA_CA_CERTS=/mnt/mock/ca.pem claude auth status");
+    // The source's own refresh, as the keeper would start it: refused, and
+    // the unit fails saying why.
+    let (code, _, _) = c.sh("systemctl start claude-refresh.service");
+    assert_ne!(code, 0, "the refresh unit fails");
+    let said = c.ok("journalctl --no-pager -o cat -u claude-refresh");
+    assert!(
+        said.contains("its refresh was refused): log in again as alice"),
+        "{said}"
+    );
     assert_eq!(
         mock.count(from, "refresh", Some("invalid_grant"), Some(shared.alice)),
         1,

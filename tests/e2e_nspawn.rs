@@ -138,6 +138,7 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
     alert_unit_on_a_refused_source after configured_and_started;
     a_restart_into_an_exiting_unit_is_a_failure after configured_and_started;
     doctor_reads_a_consumer_unit_over_dbus after configured_and_started;
+    a_bridge_whose_workers_drop_privileges after configured_and_started;
     no_token_leaks after installed_not_enabled;
     purge_removes_the_state after installed_not_enabled;
 ];
@@ -875,6 +876,95 @@ fn doctor_reads_a_consumer_unit_over_dbus(c: &Container, _: &mut Shared) {
         "{out}"
     );
     c.ok("systemctl stop consumer");
+    restore_config(c);
+}
+
+/// A bridge's root master that starts its worker under a site user: the
+/// worker's flags to setpriv and command follow.
+const WORKERS_MASTER: &str =
+    "#!/bin/sh\nsetpriv --reuid=site --regid=site \"$@\" &\necho $! > /run/workers.pid\nwait\n";
+
+fn start_workers(c: &Container, worker: &str) {
+    c.ok(&format!(
+        "printf '[Service]\\nExecStart=/usr/local/bin/workers-master {worker}\\n' > /etc/systemd/system/workers.service && systemctl daemon-reload && systemctl restart workers"
+    ));
+    assert!(common::wait_until(Duration::from_secs(10), || c
+        .sh("test -s /run/workers.pid && kill -0 $(cat /run/workers.pid)")
+        .0
+        == 0));
+}
+
+/// A bridge whose root master runs its worker as a site user, as real
+/// bridges do. doctor tests the worker's real groups (its PID from the
+/// unit's cgroup over D-Bus, its groups from /proc) and names the missing
+/// initgroups; once the worker has the group, a change restarts the bridge
+/// and its new worker holds the new copy.
+fn a_bridge_whose_workers_drop_privileges(c: &Container, _: &mut Shared) {
+    let _restore = OnFailure(|| {
+        put_back_config(c);
+        put_back(c, "systemctl stop workers; rm -f /etc/systemd/system/workers.service; systemctl daemon-reload");
+    });
+    c.sh_input(
+        "cat > /usr/local/bin/workers-master && chmod 755 /usr/local/bin/workers-master",
+        WORKERS_MASTER,
+    );
+    c.ok("id site >/dev/null 2>&1 || useradd -r -M -d /nonexistent site");
+    let site = c.ok("id -u site");
+    // Without initgroups the worker has no supplementary group.
+    start_workers(c, "--clear-groups sleep infinity");
+    let toml = config("0640").replacen(
+        "units = [\"bridge.service\"]",
+        "units = [\"bridge.service\", \"workers.service\"]",
+        1,
+    );
+    reload_with(c, &toml);
+    let (code, out, _) = c.sh("cred-watch doctor");
+    assert_no_secret(&out, "doctor");
+    let line = |out: &str| -> String {
+        out.lines()
+            .find(|l| l.contains("consumer workers.service"))
+            .unwrap_or_else(|| panic!("no line for workers.service:\n{out}"))
+            .to_string()
+    };
+    let failed = line(&out);
+    assert!(
+        code != 0
+            && failed.starts_with("fail")
+            && failed.contains(&format!("uid {site}) cannot read {DEST}"))
+            && failed.contains("workers.service drops privileges without initgroups")
+            && failed.contains("SupplementaryGroups=claude-credentials"),
+        "{out}"
+    );
+
+    // With initgroups and the group, holding the copy open.
+    c.ok("usermod -aG claude-credentials site");
+    start_workers(
+        c,
+        &format!("--init-groups sh -c 'exec sleep infinity 3< {DEST}'"),
+    );
+    let (_, out, _) = c.sh("cred-watch doctor");
+    assert!(
+        line(&out).starts_with("ok") && line(&out).contains("reads a copy"),
+        "{out}"
+    );
+    let held = || c.ok("stat -L -c %i /proc/$(cat /run/workers.pid)/fd/3");
+    assert_eq!(held(), c.ok(&format!("stat -c %i {DEST}")));
+    let before = c.show("workers", "InvocationID");
+    c.write_creds(
+        SRC,
+        &common::creds_exp(95, common::now_ms() + 10 * 3_600_000),
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(20), || c
+            .show("workers", "InvocationID")
+            != before
+            && c.sh("kill -0 $(cat /run/workers.pid)").0 == 0
+            && held() == c.ok(&format!("stat -c %i {DEST}"))),
+        "the new worker does not hold the new copy:\n{}",
+        c.journal()
+    );
+    c.settled();
+    c.ok("systemctl stop workers && rm /etc/systemd/system/workers.service && systemctl daemon-reload");
     restore_config(c);
 }
 
