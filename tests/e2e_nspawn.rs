@@ -27,6 +27,7 @@ fn creds(seq: u64) -> String {
 }
 
 const SRC: &str = "/root/.claude/.credentials.json";
+const COPY_DIR: &str = "/var/lib/claude-credentials";
 const DEST: &str = "/var/lib/claude-credentials/.credentials.json";
 
 fn config(copy_mode: &str) -> String {
@@ -879,14 +880,14 @@ fn doctor_reads_a_consumer_unit_over_dbus(c: &Container, _: &mut Shared) {
     restore_config(c);
 }
 
-/// A bridge's root master that starts its worker under a site user: the
-/// worker's flags to setpriv and command follow.
-const WORKERS_MASTER: &str =
-    "#!/bin/sh\nsetpriv --reuid=site --regid=site \"$@\" &\necho $! > /run/workers.pid\nwait\n";
+/// A bridge's root master that starts its worker under a site user:
+/// `clear` without initgroups (no supplementary group, reads nothing),
+/// `hold` with initgroups, holding the copy open as a worker does.
+const WORKERS_MASTER: &str = "#!/bin/sh\nif [ \"$1\" = hold ]; then\n  setpriv --reuid=site --regid=site --init-groups sh -c 'exec sleep infinity 3< /var/lib/claude-credentials/.credentials.json' &\nelse\n  setpriv --reuid=site --regid=site --clear-groups sleep infinity &\nfi\necho $! > /run/workers.pid\nwait\n";
 
 fn start_workers(c: &Container, worker: &str) {
     c.ok(&format!(
-        "printf '[Service]\\nExecStart=/usr/local/bin/workers-master {worker}\\n' > /etc/systemd/system/workers.service && systemctl daemon-reload && systemctl restart workers"
+        "printf '[Service]\\nEnvironment=CLAUDE_SECURESTORAGE_CONFIG_DIR={COPY_DIR}\\nExecStart=/usr/local/bin/workers-master {worker}\\n' > /etc/systemd/system/workers.service && systemctl daemon-reload && systemctl restart workers"
     ));
     assert!(common::wait_until(Duration::from_secs(10), || c
         .sh("test -s /run/workers.pid && kill -0 $(cat /run/workers.pid)")
@@ -911,7 +912,7 @@ fn a_bridge_whose_workers_drop_privileges(c: &Container, _: &mut Shared) {
     c.ok("id site >/dev/null 2>&1 || useradd -r -M -d /nonexistent site");
     let site = c.ok("id -u site");
     // Without initgroups the worker has no supplementary group.
-    start_workers(c, "--clear-groups sleep infinity");
+    start_workers(c, "clear");
     let toml = config("0640").replacen(
         "units = [\"bridge.service\"]",
         "units = [\"bridge.service\", \"workers.service\"]",
@@ -922,8 +923,8 @@ fn a_bridge_whose_workers_drop_privileges(c: &Container, _: &mut Shared) {
     assert_no_secret(&out, "doctor");
     let line = |out: &str| -> String {
         out.lines()
-            .find(|l| l.contains("consumer workers.service"))
-            .unwrap_or_else(|| panic!("no line for workers.service:\n{out}"))
+            .find(|l| l.contains("consumer workers.service") && !l.starts_with("info"))
+            .unwrap_or_else(|| panic!("no verdict for workers.service:\n{out}"))
             .to_string()
     };
     let failed = line(&out);
@@ -938,10 +939,7 @@ fn a_bridge_whose_workers_drop_privileges(c: &Container, _: &mut Shared) {
 
     // With initgroups and the group, holding the copy open.
     c.ok("usermod -aG claude-credentials site");
-    start_workers(
-        c,
-        &format!("--init-groups sh -c 'exec sleep infinity 3< {DEST}'"),
-    );
+    start_workers(c, "hold");
     let (_, out, _) = c.sh("cred-watch doctor");
     assert!(
         line(&out).starts_with("ok") && line(&out).contains("reads a copy"),
