@@ -1049,7 +1049,12 @@ fn group_cause(id: &Ident, t: &Target, gid: u32) -> (String, String) {
         _ => false,
     };
     let initgroups = id.groups.contains(&id.gid);
-    match classify(id.pid.is_some(), dropped, initgroups, db_has || supplementary) {
+    match classify(
+        id.pid.is_some(),
+        dropped,
+        initgroups,
+        db_has || supplementary,
+    ) {
         GroupCause::StartedBefore if supplementary => (
             format!("it was started before SupplementaryGroups={group} was set"),
             restart,
@@ -1058,15 +1063,38 @@ fn group_cause(id: &Ident, t: &Target, gid: u32) -> (String, String) {
             format!("it was started before `usermod -aG {group} {}`", id.name),
             restart,
         ),
-        GroupCause::NoInitgroups => (
-            format!("{unit} drops privileges without initgroups, so its workers keep only the groups they inherit"),
-            format!("add SupplementaryGroups={group} to {unit} (systemctl edit {unit}: [Service] SupplementaryGroups={group}), then {restart}"),
-        ),
+        GroupCause::NoInitgroups => no_initgroups(id, t, gid, unit, &restart),
         GroupCause::NotMember => (
             format!("{} is not a member of {group}", id.name),
             format!("usermod -aG {group} {}, then {restart}", id.name),
         ),
     }
+}
+
+/// A process that dropped privileges without initgroups. Workers that keep
+/// the groups they inherit get the unit's `SupplementaryGroups=`; workers
+/// that clear them (setgroups to none, e.g. `setpriv --clear-groups`) get
+/// no supplementary group at all, whatever the unit says: when the unit
+/// already gives the group and the process still lacks it, only the
+/// copy's group (their primary group) or initgroups reaches them.
+fn no_initgroups(id: &Ident, t: &Target, gid: u32, unit: &str, restart: &str) -> (String, String) {
+    let group = group_name(gid);
+    let primary = group_name(id.gid);
+    let primary_fix = format!(
+        "group = \"{primary}\" in the [[watch.copy]] for {} (every worker user must have that primary group), then cred-watch check >/dev/null && systemctl reload cred-watch",
+        t.path.display()
+    );
+    let unit_gives = t.configured.is_some_and(|c| c.in_group(gid));
+    if unit_gives && id.groups.is_empty() {
+        return (
+            format!("{unit} starts its workers with no supplementary group at all (setgroups to none, e.g. setpriv --clear-groups), so its SupplementaryGroups={group} does not reach them"),
+            format!("give the copy their primary group: {primary_fix}; or have {unit} start them with initgroups (setpriv --init-groups, runuser -u) after usermod -aG {group} {}", id.name),
+        );
+    }
+    (
+        format!("{unit} drops privileges without initgroups, so its workers keep only the groups they inherit"),
+        format!("add SupplementaryGroups={group} to {unit} (systemctl edit {unit}: [Service] SupplementaryGroups={group}), then {restart}; if its workers clear their groups (setpriv --clear-groups), that does not reach them: set {primary_fix}"),
+    )
 }
 
 /// `source_valid`: the source is present and valid now. Without it, a

@@ -885,6 +885,36 @@ fn worker_without_the_copy_group_fails_naming_the_group_and_initgroups() {
 }
 
 #[test]
+fn workers_that_clear_their_groups_are_told_the_copy_group_not_supplementary_groups() {
+    needs_root!("workers_that_clear_their_groups_are_told_the_copy_group_not_supplementary_groups");
+    let env = Env::new();
+    let d = consumer_setup(&env, &daemon_group_config());
+    // The unit already gives the group, and its master has it; the worker
+    // cleared its groups (setpriv --clear-groups), so it has none.
+    let master = Sleeper::spawn(&["--groups=daemon"]);
+    let worker = Sleeper::spawn(NOBODY_NO_GROUPS);
+    let (m, w) = (master.pid(), worker.pid());
+    let supplementary = json!({"supplementary_groups": ["daemon"]});
+    running_bridge(&d, &env, "", m, &[m, w], supplementary);
+    let (code, out) = d.run(&[]);
+    assert_eq!(code, 1, "{out}");
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains("starts its workers with no supplementary group at all")
+            && line.contains("SupplementaryGroups=daemon does not reach them")
+            && line.contains(
+                "fix: give the copy their primary group: group = \"nogroup\" in the [[watch.copy]]"
+            )
+            && line.contains("setpriv --init-groups"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("fix: add SupplementaryGroups"),
+        "the fix matches the cause: {line}"
+    );
+}
+
+#[test]
 fn main_process_started_before_its_group_was_given_fails_until_restarted() {
     needs_root!("main_process_started_before_its_group_was_given_fails_until_restarted");
     let env = Env::new();
