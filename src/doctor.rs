@@ -1081,7 +1081,7 @@ fn no_initgroups(id: &Ident, t: &Target, gid: u32, unit: &str, restart: &str) ->
     let group = group_name(gid);
     let primary = group_name(id.gid);
     let primary_fix = format!(
-        "group = \"{primary}\" in the [[watch.copy]] for {} (every worker user must have that primary group), then cred-watch check >/dev/null && systemctl reload cred-watch",
+        "group = \"{primary}\" in the [[watch.copy]] for {} (every worker user must have that primary group), then cred-watch check >/dev/null && systemctl reload cred-watch && {restart}",
         t.path.display()
     );
     let unit_gives = t.configured.is_some_and(|c| c.in_group(gid));
