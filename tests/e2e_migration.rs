@@ -5,13 +5,20 @@
 //! "Copy mode, step by step" steps 1–7, then "What `dpkg --purge
 //! cred-watch` leaves".
 //!
-//! The bridge is the case the README's copy step 4 singles out: its root
+//! The bridge is the case the README's copy step 5 singles out: its root
 //! main process starts a worker as the site user `botuser` with its groups
-//! cleared (`setpriv --clear-groups`), so `SupplementaryGroups=` does not
-//! reach it; step 6 (doctor) says so, and the copy's `group` becomes the
-//! worker's primary group, as step 4 says for that case. The worker holds
-//! the credentials file its CLI would read open
+//! cleared (`setpriv --clear-groups`), so `SupplementaryGroups=` (step 4)
+//! does not reach it; step 5 (`cred-watch doctor | grep reader`) says so
+//! before the bridge is pointed at the copy, and the copy's `group` becomes
+//! the worker's primary group, as step 5 says for that case. The worker
+//! holds the credentials file its CLI would read open
 //! (`${CLAUDE_SECURESTORAGE_CONFIG_DIR:-/root/.claude}/.credentials.json`).
+//!
+//! No outage, as the README promises: after every copy step the bridge's
+//! worker holds the current credentials file (the source until step 6, then
+//! the copy; never a deleted one), the bridge has been started exactly as
+//! often as the steps restart it (so no worker went unchecked), and its
+//! journal never says "Not logged in" after the old setup.
 //!
 //! Every step runs the README's commands and asserts what the README says
 //! they show; target/e2e-migration-report.md records what each step showed.
@@ -83,7 +90,11 @@ drop_keys = ["mcpOAuth"]
 "#;
 
 /// README copy step 4, between the comment lines of `systemctl edit`.
-const DROP_IN: &str = "[Service]\nEnvironment=CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/claude-credentials\nSupplementaryGroups=claude-credentials\n";
+const DROP_IN: &str = "[Service]\nSupplementaryGroups=claude-credentials\n";
+/// README copy step 6, added below the `SupplementaryGroups=` line.
+const ENV_LINE: &str = "Environment=CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/claude-credentials";
+/// What the worker script logs when it cannot read its credentials.
+const LOGGED_OUT: &str = "Not logged in";
 
 fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     let required = std::env::var("CRED_WATCH_E2E").is_ok_and(|v| v == "required");
@@ -118,6 +129,9 @@ struct Shared {
     report: Vec<String>,
     /// The copy's bytes just before the purge.
     copy_before_purge: String,
+    /// How often the bridge's journal said "Not logged in" by the end of
+    /// the old setup: never more after it.
+    logged_out_after_old_setup: usize,
 }
 
 type Step = steps::Step<Shared>;
@@ -133,10 +147,10 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
     copy_1_find_the_bridge_users after migrate_5_remove_the_old_units;
     copy_2_group_and_usermod after copy_1_find_the_bridge_users;
     copy_3_add_the_copy after copy_2_group_and_usermod;
-    copy_4_point_the_bridge_at_the_copy after copy_3_add_the_copy;
-    copy_5_daemon_reload_and_restart after copy_4_point_the_bridge_at_the_copy;
-    copy_6_doctor_all_ok after copy_5_daemon_reload_and_restart;
-    copy_7_take_back_permissions_mode after copy_6_doctor_all_ok;
+    copy_4_give_the_workers_the_group after copy_3_add_the_copy;
+    copy_5_every_reader_ok after copy_4_give_the_workers_the_group;
+    copy_6_point_the_bridge_at_the_copy after copy_5_every_reader_ok;
+    copy_7_take_back_permissions_mode after copy_6_point_the_bridge_at_the_copy;
     a_refresh_restarts_the_bridge_into_the_copy after copy_7_take_back_permissions_mode;
     no_token_leaks after migrate_4_enable_and_doctor;
     purge_leaves_the_copies after a_refresh_restarts_the_bridge_into_the_copy;
@@ -228,6 +242,35 @@ fn wait_worker_holds(c: &Container, path: &str) -> u32 {
     pid
 }
 
+/// How often the bridge's journal says "Not logged in" (its worker could
+/// not read its credentials). `journalctl --sync` first: what the worker
+/// wrote before now is in the journal.
+fn logged_out(c: &Container) -> usize {
+    c.ok("journalctl --sync");
+    c.ok("journalctl -u bridge --no-pager -o cat")
+        .matches(LOGGED_OUT)
+        .count()
+}
+
+/// No outage: the bridge's worker holds `path`'s current inode on fd 3
+/// (a file it could read, not a deleted one), and the bridge's journal has
+/// said "Not logged in" no more since the old setup. Returns the worker.
+fn no_outage(c: &Container, shared: &Shared, path: &str) -> u32 {
+    let w = wait_worker_holds(c, path);
+    let fd3 = held(c, w).unwrap_or_default();
+    assert!(
+        fd3 == path && !fd3.contains("(deleted)"),
+        "the worker holds {path}, not {fd3:?}"
+    );
+    assert_eq!(
+        logged_out(c),
+        shared.logged_out_after_old_setup,
+        "the bridge's worker said \"{LOGGED_OUT}\" (an outage):\n{}",
+        c.ok("journalctl -u bridge --no-pager -o cat | tail -n 5")
+    );
+    w
+}
+
 /// Waits until the bridge has been started `n` times in all and runs a
 /// worker.
 fn wait_starts(c: &Container, n: usize) {
@@ -262,7 +305,7 @@ fn config_text(c: &Container) -> String {
 /// file, a oneshot `chmod 644` + restart script, and the bridge. It works:
 /// a refresh by atomic rename (0600, as the CLI writes) is made 0644 again
 /// and the bridge restarted into it.
-fn old_setup_path_unit_chmod_and_restart_script(c: &Container, _: &mut Shared) {
+fn old_setup_path_unit_chmod_and_restart_script(c: &Container, shared: &mut Shared) {
     c.ok("useradd -r -M -d /nonexistent botuser");
     c.write_creds(SRC, &creds(1, 1));
     c.ok(&format!("chmod 711 /root /root/.claude && chmod 644 {SRC}"));
@@ -305,6 +348,7 @@ fn old_setup_path_unit_chmod_and_restart_script(c: &Container, _: &mut Shared) {
         )
     );
     wait_worker_holds(c, SRC);
+    shared.logged_out_after_old_setup = logged_out(c);
 }
 
 /// Migration step 1: the package installed (not started yet), the
@@ -488,6 +532,7 @@ fn copy_1_find_the_bridge_users(c: &Container, shared: &mut Shared) {
         users[0],
         out.trim()
     ));
+    no_outage(c, shared, SRC);
 }
 
 /// Every `PID N (comm, uid U)` in a doctor line, as (N, U).
@@ -506,7 +551,7 @@ fn named_processes(line: &str) -> Vec<(u32, String)> {
 }
 
 /// Copy step 2: the readers' group, with each of those users.
-fn copy_2_group_and_usermod(c: &Container, _: &mut Shared) {
+fn copy_2_group_and_usermod(c: &Container, shared: &mut Shared) {
     c.ok("groupadd -r claude-credentials");
     c.ok("usermod -aG claude-credentials botuser");
     assert!(
@@ -515,6 +560,7 @@ fn copy_2_group_and_usermod(c: &Container, _: &mut Shared) {
             .any(|g| g == "claude-credentials"),
         "botuser is in the group"
     );
+    no_outage(c, shared, SRC);
 }
 
 /// Copy step 3: the copy added to the watch (permissions mode kept),
@@ -549,35 +595,35 @@ fn copy_3_add_the_copy(c: &Container, shared: &mut Shared) {
         before,
         "the bridge still reads the source: not restarted"
     );
-    wait_worker_holds(c, SRC);
+    no_outage(c, shared, SRC);
     shared
         .report
         .push(format!("- copy step 3, `{stat}`:\n```\n{want}\n```"));
 }
 
 /// Copy step 4: the drop-in `systemctl edit bridge.service` creates, with
-/// the README's two lines (applied by step 5's daemon-reload). Which case
-/// this bridge is (its workers clear their groups) step 6 tells.
-fn copy_4_point_the_bridge_at_the_copy(c: &Container, _: &mut Shared) {
+/// the README's one line, then `systemctl daemon-reload && systemctl
+/// restart bridge`. The restart gives the main process the group
+/// (`SupplementaryGroups=`); the worker, started with `setpriv
+/// --clear-groups`, has no supplementary group at all. The bridge still
+/// reads the source: the new worker holds it.
+fn copy_4_give_the_workers_the_group(c: &Container, shared: &mut Shared) {
     c.sh_input(
         &format!("mkdir -p /etc/systemd/system/bridge.service.d && cat > {OVERRIDE}"),
         DROP_IN,
     );
-}
-
-/// Copy step 5: daemon-reload and restart. The restart gives the main
-/// process the group (`SupplementaryGroups=`); the worker, started with
-/// `setpriv --clear-groups`, has no supplementary group at all, as step 4
-/// says of such workers, and cannot open the copy: it is logged out.
-fn copy_5_daemon_reload_and_restart(c: &Container, shared: &mut Shared) {
     c.settled();
     let starts = c.bridge_starts();
     c.ok("systemctl daemon-reload && systemctl restart bridge");
     wait_starts(c, starts + 1);
     let env = c.show("bridge", "Environment");
     assert!(
-        env.contains("CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/claude-credentials"),
-        "{env}"
+        !env.contains("CLAUDE_SECURESTORAGE_CONFIG_DIR"),
+        "not pointed at the copy yet: {env}"
+    );
+    assert_eq!(
+        c.show("bridge", "SupplementaryGroups"),
+        "claude-credentials"
     );
     let cc = gid(c, "claude-credentials");
     let main: u32 = c.show("bridge", "MainPID").parse().unwrap();
@@ -586,7 +632,7 @@ fn copy_5_daemon_reload_and_restart(c: &Container, shared: &mut Shared) {
         main_creds.split_whitespace().skip(2).any(|g| g == cc),
         "SupplementaryGroups= gives the main process the group: {main_creds}"
     );
-    let w = worker(c).expect("the worker runs");
+    let w = no_outage(c, shared, SRC);
     let worker_creds = creds_of(c, w);
     let botuser = gid(c, "botuser");
     assert_eq!(
@@ -594,57 +640,57 @@ fn copy_5_daemon_reload_and_restart(c: &Container, shared: &mut Shared) {
         [botuser.as_str()],
         "a worker that clears its groups has none (uid gid, nothing after): {worker_creds}"
     );
-    assert_eq!(held(c, w), None, "the worker cannot open the copy");
-    assert!(
-        c.ok("journalctl -u bridge --no-pager -o cat")
-            .contains(&format!("cannot read {COPY}: Not logged in")),
-        "the worker is logged out"
-    );
+    c.settled();
+    assert_eq!(c.bridge_starts(), starts + 1, "the one restart of step 4");
+    no_outage(c, shared, SRC);
     shared.report.push(format!(
-        "- after copy step 5: main process (uid gid groups) `{main_creds}`, worker `{worker_creds}`; the worker holds nothing: logged out"
+        "- after copy step 4: main process (uid gid groups) `{main_creds}`, worker `{worker_creds}`; the worker holds the source"
     ));
 }
 
-/// Copy step 6: doctor fails, naming this case (`starts its workers with no
-/// supplementary group at all`) and the copy's group as the fix. Then what
-/// step 4 says for that case: `group = "botuser"` in the `[[watch.copy]]`,
-/// `cred-watch check >/dev/null && systemctl reload cred-watch && systemctl
-/// restart bridge`; the new worker holds the copy, and doctor is
-/// then all `ok`/`info`, with the lines the README quotes (the tag padded:
-/// `ok   claude …`).
-fn copy_6_doctor_all_ok(c: &Container, shared: &mut Shared) {
-    let (code, out) = doctor(c);
-    assert_eq!(code, 1, "doctor fails:\n{out}");
-    let consumer = line_with(&out, "fail", "claude consumer bridge.service")
-        .unwrap_or_else(|| panic!("no fail line for the consumer:\n{out}"));
-    assert!(
-        consumer.contains("bridge.service starts its workers with no supplementary group at all")
-            && consumer.contains("SupplementaryGroups=claude-credentials does not reach them")
-            && consumer.contains(&format!(
-                "fix: give the copy their primary group: group = \"botuser\" in the [[watch.copy]] for {COPY}"
-            )),
-        "the README's case and fix:\n{consumer}"
-    );
-    let not_ok: Vec<&str> = out
-        .lines()
-        .filter(|l| !l.starts_with("ok ") && !l.starts_with("info "))
-        .collect();
-    assert!(
-        not_ok.iter().all(|l| l.starts_with("fail ")
-            && l.contains("no supplementary group at all")
-            && l.contains("group = \"botuser\"")),
-        "every failure is this case, with this fix:\n{out}"
+/// `cred-watch doctor | grep reader`: exit code and lines.
+fn reader_lines(c: &Container) -> (i32, String) {
+    let (code, out, err) = c.sh("cred-watch doctor | grep reader");
+    assert_no_secret(&out, "doctor | grep reader");
+    assert_no_secret(&err, "doctor | grep reader");
+    (code, out)
+}
+
+/// Copy step 5: `cred-watch doctor | grep reader` tests the worker's real
+/// groups against the copy before the bridge reads it: `fail`, naming this
+/// case (`starts its workers with no supplementary group at all`) and the
+/// copy's group as the fix. Then what step 5 says for that case: `group =
+/// "botuser"` in the `[[watch.copy]]`, `cred-watch check >/dev/null &&
+/// systemctl reload cred-watch`; every `reader` line is then `ok`. No
+/// restart: the same worker still holds the source.
+fn copy_5_every_reader_ok(c: &Container, shared: &mut Shared) {
+    let w = no_outage(c, shared, SRC);
+    let starts = c.bridge_starts();
+    let (code, out) = reader_lines(c);
+    assert_eq!(code, 0, "grep finds reader lines:\n{out}");
+    let fix = format!(
+        "fix: give the copy their primary group: group = \"botuser\" in the [[watch.copy]] for {COPY}"
     );
     assert!(
-        !out.contains("fix: add SupplementaryGroups"),
-        "no fix that cannot reach the workers:\n{out}"
+        out.lines()
+            .all(|l| l.starts_with("fail claude reader botuser: ")
+                && l.contains(&format!("cannot open {COPY}"))
+                && l.contains("starts its workers with no supplementary group at all")
+                && l.contains(&fix)
+                && !l.contains("fix: add SupplementaryGroups")),
+        "every reader line fails with the README's case and fix:\n{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.contains(&format!("PID {w} ("))),
+        "doctor tests the running worker (PID {w}):\n{out}"
     );
     shared.report.push(format!(
-        "- copy step 6, doctor (exit {code}) fails:\n```\n{}\n```",
-        not_ok.join("\n")
+        "- copy step 5, `cred-watch doctor | grep reader`:\n```\n{}\n```",
+        out.trim()
     ));
+    no_outage(c, shared, SRC);
 
-    // Copy step 4, for workers that clear their groups.
+    // Copy step 5, for workers that clear their groups.
     let toml = config_text(c);
     let fixed = toml.replacen(
         "\ngroup = \"claude-credentials\"\n",
@@ -653,8 +699,7 @@ fn copy_6_doctor_all_ok(c: &Container, shared: &mut Shared) {
     );
     assert_ne!(fixed, toml, "the copy's group line");
     c.sh_input(&format!("cat > {CONFIG}"), &fixed);
-    let starts = c.bridge_starts();
-    c.ok("cred-watch check >/dev/null && systemctl reload cred-watch && systemctl restart bridge");
+    c.ok("cred-watch check >/dev/null && systemctl reload cred-watch");
     assert!(
         wait_until(Duration::from_secs(20), || c
             .ok(&format!("stat -c '%a %U:%G' {COPY}"))
@@ -664,10 +709,58 @@ fn copy_6_doctor_all_ok(c: &Container, shared: &mut Shared) {
     );
     c.settled();
 
+    let (code, out) = reader_lines(c);
+    assert!(
+        code == 0
+            && out.lines().all(|l| l.starts_with("ok "))
+            && out
+                .lines()
+                .any(|l| l.starts_with("ok   claude reader botuser: ")
+                    && l.ends_with(&format!("can open {COPY}"))),
+        "every reader line ok (`ok   claude reader botuser: … can open {COPY}`):\n{out}"
+    );
+    assert_eq!(c.bridge_starts(), starts, "step 5 restarts nothing");
+    assert_eq!(
+        no_outage(c, shared, SRC),
+        w,
+        "the same worker still holds the source"
+    );
+    shared.report.push(format!(
+        "- copy step 5 after `group = \"botuser\"` + `cred-watch check >/dev/null && systemctl reload cred-watch`: copy `640 root:botuser`, no restart, the worker still holds the source; `cred-watch doctor | grep reader`:\n```\n{}\n```",
+        out.trim()
+    ));
+}
+
+/// Copy step 6: `systemctl edit bridge.service` again, the `Environment=`
+/// line added below the `SupplementaryGroups=` line; `systemctl
+/// daemon-reload && systemctl restart bridge`: the new worker holds the
+/// copy. Doctor: all `ok`/`info`, with the lines the README quotes (the
+/// tag padded: `ok   claude …`).
+fn copy_6_point_the_bridge_at_the_copy(c: &Container, shared: &mut Shared) {
+    c.ok(&format!(
+        "sed -i '/^SupplementaryGroups=/a {ENV_LINE}' {OVERRIDE}"
+    ));
+    assert_eq!(
+        std::fs::read_to_string(c.host_path(OVERRIDE)).unwrap(),
+        format!("{DROP_IN}{ENV_LINE}\n"),
+        "the drop-in: the line of step 4, then the line of step 6"
+    );
+    c.settled();
+    let starts = c.bridge_starts();
+    c.ok("systemctl daemon-reload && systemctl restart bridge");
+    wait_starts(c, starts + 1);
+    let env = c.show("bridge", "Environment");
+    assert!(
+        env.contains("CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/claude-credentials"),
+        "{env}"
+    );
+    no_outage(c, shared, COPY);
+    c.settled();
+
     let (code, out) = doctor(c);
     assert!(
         code == 0 && all_ok_or_info(&out),
-        "every line ok or info after the copy's group is the workers' primary group:\n{out}"
+        "every line ok or info:\n{out}"
     );
     for (start, end) in [
         (
@@ -689,16 +782,10 @@ fn copy_6_doctor_all_ok(c: &Container, shared: &mut Shared) {
             "the README's `{start}…{end}`:\n{out}"
         );
     }
-    // The restart of step 4's fix: the new worker holds the copy.
-    assert_eq!(c.bridge_starts(), starts + 1, "the one restart of the fix");
-    assert!(
-        wait_until(Duration::from_secs(10), || worker(c)
-            .and_then(|w| held(c, w))
-            .is_some_and(|p| p == COPY)),
-        "the worker holds the copy after the restart"
-    );
+    assert_eq!(c.bridge_starts(), starts + 1, "the one restart of step 6");
+    no_outage(c, shared, COPY);
     shared.report.push(format!(
-        "- copy step 6 after `group = \"botuser\"` + check && reload && restart: copy `640 root:botuser`, the worker holds it, doctor (exit {code}):\n```\n{}\n```",
+        "- copy step 6: the worker holds the copy, never logged out; doctor (exit {code}):\n```\n{}\n```",
         out.trim()
     ));
 }
@@ -739,6 +826,7 @@ fn copy_7_take_back_permissions_mode(c: &Container, shared: &mut Shared) {
         "doctor again: all ok:\n{out}"
     );
     assert!(!out.contains("claude permissions"), "{out}");
+    no_outage(c, shared, COPY);
     shared.report.push(format!(
         "- copy step 7: `journalctl -u cred-watch | grep 'search bits'` finds nothing (exit 1); `stat -c '%a %n' /root /root/.claude` shows `{}`; after `chmod o-x,g-x /root /root/.claude`: `{}`; doctor all ok/info (exit {code})",
         modes.replace('\n', ", "),
@@ -777,6 +865,7 @@ fn a_refresh_restarts_the_bridge_into_the_copy(c: &Container, shared: &mut Share
         "exactly one restart:\n{}",
         c.journal()
     );
+    no_outage(c, shared, COPY);
     assert_ne!(c.show("bridge", "InvocationID"), before);
     assert_ne!(c.ok(&format!("stat -c %i {COPY}")), old_inode, "a new copy");
     assert_eq!(
@@ -833,23 +922,18 @@ fn purge_leaves_the_copies(c: &Container, shared: &mut Shared) {
 /// The README's procedure after the purge: botuser's own credentials in a
 /// directory it owns (`install -d -o botuser -g botuser -m 700
 /// /var/lib/bridge-claude`; its `/login` stood in for by writing its
-/// credentials file as botuser, 0600 by rename, as the CLI does); the two
-/// lines of step 4 replaced with `Environment=CLAUDE_SECURESTORAGE_CONFIG_DIR=
-/// /var/lib/bridge-claude` (`systemctl edit` writes the drop-in and
-/// reloads); `systemctl restart bridge`; then `rm -r
+/// credentials file as botuser, 0600 by rename, as the CLI does); the
+/// lines of steps 4 and 6 replaced with
+/// `Environment=CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/bridge-claude`
+/// (`systemctl edit` writes the drop-in and reloads); `systemctl restart bridge`; then `rm -r
 /// /var/lib/claude-credentials` and `groupdel claude-credentials`. The
 /// worker is never logged out: it reads its own file throughout.
 fn purge_removal_commands(c: &Container, shared: &mut Shared) {
-    let logged_out = || {
-        c.ok("journalctl -u bridge --no-pager -o cat")
-            .matches("Not logged in")
-            .count()
-    };
-    let logged_out_before = logged_out();
+    let logged_out_before = logged_out(c);
     assert_ne!(
         c.sh(&format!("runuser -u botuser -- test -r {SRC}")).0,
         0,
-        "step 7 made the source unreadable to botuser (why the two lines alone are not enough)"
+        "step 7 made the source unreadable to botuser (why removing the lines of steps 4 and 6 alone is not enough)"
     );
 
     c.ok(&format!(
@@ -882,7 +966,7 @@ fn purge_removal_commands(c: &Container, shared: &mut Shared) {
     assert_eq!(c.ok("systemctl is-active bridge"), "active");
     wait_worker_holds(c, OWN);
     assert_eq!(
-        logged_out(),
+        logged_out(c),
         logged_out_before,
         "the bridge was not logged out"
     );
