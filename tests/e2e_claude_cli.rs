@@ -256,40 +256,25 @@ fn e2e_with_the_real_claude_cli() {
 
 /// The .deb, the rootfs, the pinned CLI, python3 and openssl on the host.
 fn prerequisites() -> Option<(PathBuf, PathBuf, PathBuf)> {
-    let required = std::env::var("CRED_WATCH_E2E").is_ok_and(|v| v == "required");
-    let skip = |why: &str| {
-        eprintln!("e2e_claude_cli: skipped: {why}");
-        None
-    };
-    let missing = |why: &str| {
-        assert!(!required, "end-to-end tests required but {why}");
-        skip(&format!("{why} (run tests/run.sh as root)"))
-    };
-    if unsafe { libc::geteuid() } != 0 {
-        return missing("not root");
-    }
+    const SUITE: &str = "e2e_claude_cli";
+    let (rootfs, deb_dir) = container::prerequisites(SUITE)?;
     let cli = match std::env::var("CRED_WATCH_E2E_CLAUDE").ok().as_deref() {
         // tests/run.sh found the package registry unreachable: the one
         // case where this suite may skip, even in CI.
         Some("unreachable") => {
-            return skip(&format!(
-                "the package registry cannot be reached to install @anthropic-ai/claude-code@{CLI_VERSION}"
-            ))
+            eprintln!("{SUITE}: skipped: the package registry cannot be reached to install @anthropic-ai/claude-code@{CLI_VERSION}");
+            return None;
         }
-        Some(dir) if Path::new(dir).join("node_modules/.bin/claude").exists() => {
-            PathBuf::from(dir)
+        Some(dir) if Path::new(dir).join("node_modules/.bin/claude").exists() => PathBuf::from(dir),
+        _ => {
+            return container::missing(
+                SUITE,
+                "no Claude Code CLI (tests/e2e/claude-cli.sh installs it)",
+            )
         }
-        _ => return missing("no Claude Code CLI (tests/e2e/claude-cli.sh installs it)"),
-    };
-    let Some(rootfs) = container::rootfs() else {
-        return missing("no rootfs (tests/e2e/rootfs.sh builds it)");
-    };
-    let Some(deb_dir) = container::deb_dir() else {
-        return missing("no .deb in target/debian (cargo deb builds it)");
     };
     for (tool, args) in [
-        ("systemd-nspawn", &["--version"][..]),
-        ("openssl", &["version"]),
+        ("openssl", &["version"][..]),
         ("python3", &["-c", "import ssl"]),
     ] {
         let ok = Command::new(tool)
@@ -297,7 +282,7 @@ fn prerequisites() -> Option<(PathBuf, PathBuf, PathBuf)> {
             .output()
             .is_ok_and(|o| o.status.success());
         if !ok {
-            return missing(&format!("`{tool} {}` fails", args.join(" ")));
+            return container::missing(SUITE, &format!("`{tool} {}` fails", args.join(" ")));
         }
     }
     Some((rootfs, deb_dir, cli))

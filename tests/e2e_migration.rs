@@ -31,8 +31,6 @@ mod container;
 mod steps;
 use common::assert_no_secret;
 use container::{now_ms, wait_until, Container};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 use steps::steps;
 
@@ -96,32 +94,6 @@ const ENV_LINE: &str = "Environment=CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/cla
 /// What the worker script logs when it cannot read its credentials.
 const LOGGED_OUT: &str = "Not logged in";
 
-fn prerequisites() -> Option<(PathBuf, PathBuf)> {
-    let required = std::env::var("CRED_WATCH_E2E").is_ok_and(|v| v == "required");
-    let missing = |why: &str| {
-        assert!(!required, "end-to-end tests required but {why}");
-        eprintln!("e2e_migration: skipped: {why} (run tests/run.sh as root)");
-        None
-    };
-    if unsafe { libc::geteuid() } != 0 {
-        return missing("not root");
-    }
-    let Some(rootfs) = container::rootfs() else {
-        return missing("no rootfs (tests/e2e/rootfs.sh builds it)");
-    };
-    let Some(deb_dir) = container::deb_dir() else {
-        return missing("no .deb in target/debian (packaging/deb/build.sh builds it)");
-    };
-    if Command::new("systemd-nspawn")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return missing("systemd-nspawn is not installed");
-    }
-    Some((rootfs, deb_dir))
-}
-
 /// What steps hand on to later ones.
 #[derive(Default)]
 struct Shared {
@@ -159,7 +131,7 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
 
 #[test]
 fn e2e_readme_migration() {
-    let Some((rootfs, deb_dir)) = prerequisites() else {
+    let Some((rootfs, deb_dir)) = container::prerequisites("e2e_migration") else {
         return;
     };
     let c = Container::boot_with("cred-watch-migration", &rootfs, &[(&deb_dir, "/mnt/deb")]);

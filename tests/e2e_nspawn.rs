@@ -17,8 +17,6 @@ mod container;
 mod steps;
 use common::assert_no_secret;
 use container::Container;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use steps::{put_back, steps, OnFailure};
 
@@ -76,32 +74,6 @@ done"#
     )
 }
 
-fn prerequisites() -> Option<(PathBuf, PathBuf)> {
-    let required = std::env::var("CRED_WATCH_E2E").is_ok_and(|v| v == "required");
-    let missing = |why: &str| {
-        assert!(!required, "end-to-end tests required but {why}");
-        eprintln!("e2e_nspawn: skipped: {why} (run tests/run.sh as root)");
-        None
-    };
-    if unsafe { libc::geteuid() } != 0 {
-        return missing("not root");
-    }
-    let Some(rootfs) = container::rootfs() else {
-        return missing("no rootfs (tests/e2e/rootfs.sh builds it)");
-    };
-    let Some(deb_dir) = container::deb_dir() else {
-        return missing("no .deb in target/debian (cargo deb builds it)");
-    };
-    if Command::new("systemd-nspawn")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return missing("systemd-nspawn is not installed");
-    }
-    Some((rootfs, deb_dir))
-}
-
 type Step = steps::Step<Shared>;
 
 /// What steps hand on to later ones.
@@ -146,7 +118,7 @@ const STEPS: &[(&str, &[&str], Step)] = steps![
 
 #[test]
 fn e2e_on_real_systemd() {
-    let Some((rootfs, deb_dir)) = prerequisites() else {
+    let Some((rootfs, deb_dir)) = container::prerequisites("e2e_nspawn") else {
         return;
     };
     let c = Container::boot("cred-watch-e2e", &rootfs, &deb_dir);

@@ -207,6 +207,43 @@ impl Container {
     }
 }
 
+/// Whether CI made the end-to-end suites mandatory (`CRED_WATCH_E2E=required`).
+pub fn required() -> bool {
+    std::env::var("CRED_WATCH_E2E").is_ok_and(|v| v == "required")
+}
+
+/// Skips the suite with a message, or fails when the suites are required.
+pub fn missing<T>(suite: &str, why: &str) -> Option<T> {
+    assert!(!required(), "end-to-end tests required but {why}");
+    eprintln!("{suite}: skipped: {why} (run tests/run.sh as root)");
+    None
+}
+
+/// The rootfs and the directory of the built .deb, when this host can boot
+/// them: root, systemd-nspawn, tests/e2e/rootfs.sh and the package built.
+pub fn prerequisites(suite: &str) -> Option<(PathBuf, PathBuf)> {
+    if unsafe { libc::geteuid() } != 0 {
+        return missing(suite, "not root");
+    }
+    let Some(rootfs) = rootfs() else {
+        return missing(suite, "no rootfs (tests/e2e/rootfs.sh builds it)");
+    };
+    let Some(deb_dir) = deb_dir() else {
+        return missing(
+            suite,
+            "no .deb in target/debian (packaging/deb/build.sh builds it)",
+        );
+    };
+    if Command::new("systemd-nspawn")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return missing(suite, "systemd-nspawn is not installed");
+    }
+    Some((rootfs, deb_dir))
+}
+
 /// The cached rootfs, if it has been built (tests/e2e/rootfs.sh).
 pub fn rootfs() -> Option<PathBuf> {
     let p = PathBuf::from(
