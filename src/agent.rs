@@ -132,18 +132,20 @@ impl Agent {
 
     /// Temp files a killed predecessor left next to our outputs.
     fn remove_stale_temps(&self) {
-        let dirs = std::iter::once(self.settings.agent.state_dir.clone()).chain(
-            self.settings.watches.iter().flat_map(|w| {
-                w.copies
-                    .iter()
-                    .map(|c| crate::config::split_file(&c.dest).0.to_path_buf())
-            }),
-        );
+        // A copy's directory, and its parent (where a directory being
+        // created for it has its temp name).
+        let copy_dirs = self.settings.watches.iter().flat_map(|w| {
+            w.copies.iter().flat_map(|c| {
+                let dir = crate::config::split_file(&c.dest).0;
+                std::iter::once(dir).chain(dir.parent())
+            })
+        });
+        let dirs = std::iter::once(self.settings.agent.state_dir.as_path()).chain(copy_dirs);
         for dir in dirs {
-            let n = crate::fsutil::remove_stale_temps(&dir);
+            let n = crate::fsutil::remove_stale_temps(dir);
             if n > 0 {
                 info!(
-                    "removed {n} temp file(s) left in {} by an interrupted write",
+                    "removed {n} temp file(s) or dir(s) left in {} by an interrupted write",
                     dir.display()
                 );
             }
@@ -359,7 +361,7 @@ impl Agent {
             return;
         };
         let name = &self.settings.watches[n].name;
-        let unit = template.replace("%i", &systemd_escape(name));
+        let unit = template.replace("%i", &crate::systemd::escape(name));
         warn!("{name}: {why}: starting the alert unit {unit}");
         let plan = Plan {
             action: config::RestartAction::Start,
@@ -909,28 +911,4 @@ fn plan(r: &config::RestartSettings) -> Plan {
 
 fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
-}
-
-/// A string as `systemd-escape` writes it for a unit instance: `[A-Za-z0-9_]`
-/// (and `.` but not first) kept, `/` as `-`, every other byte `\xNN`.
-fn systemd_escape(s: &str) -> String {
-    let mut out = String::new();
-    for (i, b) in s.bytes().enumerate() {
-        match b {
-            b'/' => out.push('-'),
-            b'.' if i > 0 => out.push('.'),
-            b if b.is_ascii_alphanumeric() || b == b'_' => out.push(b as char),
-            b => out.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn escapes_like_systemd_escape() {
-        assert_eq!(super::systemd_escape("claude-prod_1"), "claude\\x2dprod_1");
-        assert_eq!(super::systemd_escape(".x"), "\\x2ex");
-    }
 }

@@ -414,8 +414,10 @@ pub struct FileMeta {
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 const TEMP_MARK: &str = ".cred-watch-";
 
-/// Removes temp files that [`replace_file`] left in `dir` when a previous
-/// run was killed mid-write (`.NAME.cred-watch-PID-N.tmp`). Returns how many.
+/// Removes what a previous run killed mid-write left in `dir`: temp files
+/// of [`replace_file`] (`.NAME.cred-watch-PID-N.tmp`) and empty directories
+/// of [`create_dir`] (`.NAME.cred-watch-PID-HEX.dir`; `unlinkat` refuses a
+/// directory that is not empty). Returns how many.
 pub fn remove_stale_temps(dir: &Path) -> usize {
     let Ok(fd) = open_dir(dir) else { return 0 };
     let names: Vec<std::ffi::OsString> = match fd.try_clone().map(nix::dir::Dir::from_fd) {
@@ -429,7 +431,9 @@ pub fn remove_stale_temps(dir: &Path) -> usize {
     let mut removed = 0;
     for name in names {
         let text = name.to_string_lossy();
-        let ours = text.starts_with('.') && text.ends_with(".tmp") && text.contains(TEMP_MARK);
+        let is_dir = text.ends_with(".dir");
+        let ours =
+            text.starts_with('.') && (text.ends_with(".tmp") || is_dir) && text.contains(TEMP_MARK);
         let pid = text
             .rsplit(TEMP_MARK)
             .next()
@@ -438,10 +442,12 @@ pub fn remove_stale_temps(dir: &Path) -> usize {
         // Never another live writer's temp file (e.g. a concurrent `sync`).
         let alive = pid
             .is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
-        if ours
-            && !alive
-            && unlinkat(fd.as_fd(), name.as_os_str(), UnlinkatFlags::NoRemoveDir).is_ok()
-        {
+        let how = if is_dir {
+            UnlinkatFlags::RemoveDir
+        } else {
+            UnlinkatFlags::NoRemoveDir
+        };
+        if ours && !alive && unlinkat(fd.as_fd(), name.as_os_str(), how).is_ok() {
             removed += 1;
         }
     }

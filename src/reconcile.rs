@@ -53,6 +53,8 @@ pub enum Notice {
         dest: String,
         saved: PathBuf,
         source: PathBuf,
+        /// `saved` already held a newer one, found earlier: kept as it was.
+        kept_earlier: bool,
     },
 }
 
@@ -76,13 +78,25 @@ impl fmt::Display for Notice {
                 f,
                 "{dest} was modified by another writer (a consumer must not refresh the token: it would rotate the single-use refresh token); restoring our copy"
             ),
-            Notice::CopyRescued { dest, saved, source } => write!(
-                f,
-                "{dest} held a newer credential than the source: a consumer refreshed it, which consumed the source's single-use refresh token. It was saved to {} before the copy was restored. Recover now: install it as the source, as the source's owner (e.g. install -o OWNER -m 0600 {} {}), then stop that consumer from refreshing (cred-watch doctor names it)",
-                saved.display(),
-                saved.display(),
-                source.display()
-            ),
+            Notice::CopyRescued {
+                dest,
+                saved,
+                source,
+                kept_earlier,
+            } => {
+                let saved_how = if *kept_earlier {
+                    "the newest one found, rescued earlier, stays in"
+                } else {
+                    "It was saved to"
+                };
+                write!(
+                    f,
+                    "{dest} held a newer credential than the source: a consumer refreshed it, which consumed the source's single-use refresh token. {saved_how} {} before the copy was restored. Recover now: install it as the source, as the source's owner (e.g. install -o OWNER -m 0600 {} {}), then stop that consumer from refreshing (cred-watch doctor names it)",
+                    saved.display(),
+                    saved.display(),
+                    source.display()
+                )
+            }
         }
     }
 }
@@ -218,11 +232,12 @@ fn apply_copies(
                                 .get(&dest)
                                 .is_some_and(|l| *l != prev.hex())
                     });
-                if let Some(saved) = rescued {
+                if let Some((saved, kept_earlier)) = rescued {
                     out.notices.push(Notice::CopyRescued {
                         dest: dest.clone(),
                         saved,
                         source: w.source.clone(),
+                        kept_earlier,
                     });
                 } else if tampered {
                     out.notices
@@ -239,14 +254,15 @@ fn apply_copies(
 /// A copy about to be overwritten that holds a valid credential newer than
 /// the source's, with a refresh token: a consumer refreshed, so that token
 /// is the only live one (the source's was consumed). It is saved (0600)
-/// under `dir` first; the path is returned. Nothing is overwritten when
-/// the save fails.
+/// under `dir` first, unless the file there already holds a newer one; the
+/// path is returned, and whether that earlier one was kept. Nothing is
+/// overwritten when the save fails.
 fn rescue_newer(
     w: &WatchSettings,
     source: &Validated,
     current: &[u8],
     dir: &Path,
-) -> Result<Option<PathBuf>, FsError> {
+) -> Result<Option<(PathBuf, bool)>, FsError> {
     if w.format != Format::ClaudeOauth {
         return Ok(None);
     }
@@ -276,5 +292,5 @@ fn rescue_newer(
         };
         fsutil::replace_file(fd.as_fd(), dir, name.as_ref(), current, meta)?;
     }
-    Ok(Some(dir.join(name)))
+    Ok(Some((dir.join(name), have_newer)))
 }

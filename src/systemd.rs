@@ -516,3 +516,27 @@ impl UnitQuery for SystemdQuery {
         })
     }
 }
+
+/// A string as `systemd-escape` writes it for a unit instance: `[A-Za-z0-9_]`
+/// (and `.` but not first) kept, `/` as `-`, every other byte `\xNN`.
+pub fn escape(s: &str) -> String {
+    let mut out = String::new();
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i > 0 => out.push('.'),
+            b if b.is_ascii_alphanumeric() || b == b'_' => out.push(b as char),
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod escape_tests {
+    #[test]
+    fn escapes_like_systemd_escape() {
+        assert_eq!(super::escape("claude-prod_1"), "claude\\x2dprod_1");
+        assert_eq!(super::escape(".x"), "\\x2ex");
+    }
+}

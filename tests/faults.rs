@@ -314,3 +314,43 @@ fn kill_9_at_random_moments_200_times() {
     );
     env.assert_state_clean();
 }
+
+/// What a run killed mid-write leaves behind is removed at the next start:
+/// a copy's temp file, and the empty temp directory of a destination
+/// directory being created (in its parent). Only entries of processes that
+/// are gone, and never a directory with something in it.
+#[test]
+fn leftovers_of_a_killed_run_are_removed_at_start() {
+    let (env, src, dest) = setup();
+    write_atomic(&src, &creds(1));
+    // A PID that no process has now.
+    let dead = (900_000..4_000_000)
+        .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+        .unwrap();
+    let shared = dest.parent().unwrap();
+    fs::create_dir_all(shared).unwrap();
+    let tmp = shared.join(format!(".credentials.json.cred-watch-{dead}-7.tmp"));
+    fs::write(&tmp, "partial").unwrap();
+    let root = shared.parent().unwrap();
+    let empty = root.join(format!(".shared.cred-watch-{dead}-00ff.dir"));
+    let full = root.join(format!(".other.cred-watch-{dead}-0aaa.dir"));
+    fs::create_dir(&empty).unwrap();
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("keep"), "x").unwrap();
+    let agent = Agent::start(&env, &env.config(&standard_config(COPY)));
+    assert!(
+        agent.wait_log(
+            "removed 1 temp file(s) or dir(s) left in",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        agent.stderr()
+    );
+    assert!(!tmp.exists() && !empty.exists(), "{}", agent.stderr());
+    assert!(
+        full.join("keep").exists(),
+        "a directory with something in it stays"
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}

@@ -252,6 +252,17 @@ fn a_newer_credential_in_a_copy_is_saved_before_the_copy_is_restored() {
         newest,
         "the newest is kept"
     );
+    // The last one was older than the one kept: the error says so.
+    let log = agent.stderr();
+    let last = log
+        .lines()
+        .rfind(|l| l.contains("held a newer credential"))
+        .unwrap_or_default();
+    assert!(
+        last.contains("the newest one found, rescued earlier, stays in")
+            && !last.contains("It was saved to"),
+        "{last}"
+    );
     // Garbage in the copy is only a tampering warning.
     write_atomic(&dest, "{}");
     round_trip(&env, &agent);
