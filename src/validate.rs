@@ -26,13 +26,25 @@ impl Fingerprint {
     }
     /// All 64 hex digits (kept in the state file to compare, never logged).
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0)
     }
 
     /// The first 12 hex digits, the only form that is ever shown.
     pub fn short(&self) -> String {
-        self.hex()[..12].to_string()
+        hex(&self.0[..6])
     }
+}
+
+/// Lowercase hex, without a `format!` per byte (this runs for every
+/// change the agent handles).
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 impl fmt::Display for Fingerprint {
@@ -249,7 +261,7 @@ pub fn validate(
         }),
         Format::Json => {
             let object = parse_object(bytes)?;
-            let fingerprint = Fingerprint::of(&canonical(&Value::Object(object.clone())));
+            let fingerprint = Fingerprint::of(&canonical_object(&object));
             Ok(Validated {
                 fingerprint,
                 expires_at: None,
@@ -292,7 +304,7 @@ fn claude_oauth(
     }
     check_expiry(expires_at, now_ms, policy)?;
     // Only the credential decides identity: an MCP-only rewrite keeps it.
-    let fingerprint = Fingerprint::of(&canonical(&Value::Object(oauth.clone())));
+    let fingerprint = Fingerprint::of(&canonical_object(oauth));
     if let Some(warning) = check_rollback(expires_at, fingerprint, last, now_ms, policy)? {
         warnings.push(warning);
     }
@@ -558,38 +570,50 @@ fn token(o: &Map<String, Value>, key: &'static str, prefix: &'static str) -> Res
 
 /// JSON with object keys sorted, so that key order does not change identity.
 pub fn canonical(v: &Value) -> Vec<u8> {
-    fn write(v: &Value, out: &mut Vec<u8>) {
-        match v {
-            Value::Object(o) => {
-                let mut keys: Vec<&String> = o.keys().collect();
-                keys.sort();
-                out.push(b'{');
-                for (i, k) in keys.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend(serde_json::to_vec(k).unwrap_or_default());
-                    out.push(b':');
-                    write(&o[k.as_str()], out);
+    let mut out = Vec::new();
+    write_canonical(v, &mut out);
+    out
+}
+
+/// [`canonical`] of an object, without wrapping (cloning) it in a `Value`.
+fn canonical_object(o: &Map<String, Value>) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_object(o, &mut out);
+    out
+}
+
+fn write_object(o: &Map<String, Value>, out: &mut Vec<u8>) {
+    let mut entries: Vec<(&String, &Value)> = o.iter().collect();
+    entries.sort_by_key(|(k, _)| *k);
+    out.push(b'{');
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut *out, k);
+        out.push(b':');
+        write_canonical(v, out);
+    }
+    out.push(b'}');
+}
+
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(o) => write_object(o, out),
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
                 }
-                out.push(b'}');
+                write_canonical(x, out);
             }
-            Value::Array(a) => {
-                out.push(b'[');
-                for (i, x) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    write(x, out);
-                }
-                out.push(b']');
-            }
-            other => out.extend(serde_json::to_vec(other).unwrap_or_default()),
+            out.push(b']');
+        }
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
         }
     }
-    let mut out = Vec::new();
-    write(v, &mut out);
-    out
 }
 
 /// What a copy leaves out of the source.
@@ -634,6 +658,29 @@ pub fn copy_payload(raw: &[u8], v: &Validated, shape: CopyShape) -> Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Identity must not change between versions (the state file keeps
+    /// fingerprints): sorted keys, compact, serde_json's escaping, and the
+    /// SHA-256 of that in lowercase hex (computed independently).
+    #[test]
+    fn canonical_form_and_fingerprint_are_stable() {
+        let v: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"d":[1,"x"],"c":"\u00e9\"q"}}"#).unwrap();
+        let bytes = canonical(&v);
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            "{\"a\":{\"c\":\"é\\\"q\",\"d\":[1,\"x\"]},\"b\":1}"
+        );
+        let Value::Object(o) = &v else { unreachable!() };
+        assert_eq!(canonical_object(o), bytes);
+        let f = Fingerprint::of(&bytes);
+        assert_eq!(
+            f.hex(),
+            "006af201cf69ad131d6eda852689731a98f3051213c2bf10bfb2991509441b07"
+        );
+        assert_eq!(f.short(), "006af201cf69");
+        assert_eq!(f.to_string(), "006af201cf69");
+    }
 
     const NOW: i64 = 1_800_000_000_000;
 
