@@ -73,8 +73,10 @@ const BRIDGE_WORKER: &str = "#!/bin/sh\nout=$(claude auth status 2>&1)\nprintf '
 
 /// The failure cred-watch prevents, set up the old way: a script copies the
 /// source, refresh token and all, into the consumer's own (writable)
-/// credentials directory, and the consumer runs the CLI there.
-const CARELESS_UNIT: &str = "[Unit]\nDescription=a consumer set up without cred-watch's rules\n[Service]\nUser=bob\nEnvironment=HOME=/home/bob NODE_EXTRA_CA_CERTS=/mnt/mock/ca.pem DISABLE_AUTOUPDATER=1\nExecStartPre=+/bin/sh -c 'install -d -o bob -g bob -m 700 /home/bob/.claude && install -o bob -g bob -m 600 /home/alice/.claude/.credentials.json /home/bob/.claude/.credentials.json'\nExecStart=/bin/sh -c 'claude auth status > /dev/null 2>&1; exec sleep infinity'\n";
+/// credentials directory, and the consumer runs the CLI there, again and
+/// again as a consumer does (one `claude auth status` may exit before its
+/// background refresh is sent).
+const CARELESS_UNIT: &str = "[Unit]\nDescription=a consumer set up without cred-watch's rules\n[Service]\nUser=bob\nEnvironment=HOME=/home/bob NODE_EXTRA_CA_CERTS=/mnt/mock/ca.pem DISABLE_AUTOUPDATER=1\nExecStartPre=+/bin/sh -c 'install -d -o bob -g bob -m 700 /home/bob/.claude && install -o bob -g bob -m 600 /home/alice/.claude/.credentials.json /home/bob/.claude/.credentials.json'\nExecStart=/bin/sh -c 'while :; do claude auth status > /dev/null 2>&1; sleep 1; done'\n";
 
 /// The mock token server, running in the container's network namespace.
 struct Mock {
@@ -398,7 +400,8 @@ fn the_real_cli_refreshes_and_the_copy_follows(c: &Container, shared: &mut Share
 }
 
 /// Scenario 3: the consumer runs the real CLI on the copy, its token inside
-/// the CLI's 5-minute refresh window: logged in, and the mock never sees a
+/// the CLI's 5-minute refresh window, five times (one run may exit before
+/// a refresh it would make is sent): logged in, and the mock never sees a
 /// refresh request from it.
 fn a_consumer_on_the_copy_never_refreshes(c: &Container, shared: &mut Shared) {
     let mock = shared.mock();
@@ -409,7 +412,7 @@ fn a_consumer_on_the_copy_never_refreshes(c: &Container, shared: &mut Shared) {
     );
     let from = mock.log().len();
     let out = c.ok(&format!(
-        "systemd-run --wait --pipe -q -p User=bob -p SupplementaryGroups=claude-credentials -E HOME=/home/bob -E CLAUDE_SECURESTORAGE_CONFIG_DIR={COPY_DIR} {} claude auth status",
+        "systemd-run --wait --pipe -q -p User=bob -p SupplementaryGroups=claude-credentials -E HOME=/home/bob -E CLAUDE_SECURESTORAGE_CONFIG_DIR={COPY_DIR} {} sh -c 'for i in 1 2 3 4; do claude auth status >/dev/null 2>&1; done; claude auth status'",
         CLI_ENV.split(' ').map(|e| format!("-E {e}")).collect::<Vec<_>>().join(" ")
     ));
     let status: serde_json::Value = serde_json::from_str(&out).expect("auth status JSON");
@@ -443,7 +446,7 @@ fn a_consumer_on_the_copy_never_refreshes(c: &Container, shared: &mut Shared) {
         .unwrap_or_else(|| panic!("no consumer line:\n{out}"));
     assert!(line.starts_with("ok"), "{line}\n{out}");
     shared.report.push(format!(
-        "- a consumer on the copy (CLAUDE_SECURESTORAGE_CONFIG_DIR, token inside the 5-minute window): logged in, {} refresh requests from it in the whole run, {} profile requests",
+        "- a consumer on the copy (CLAUDE_SECURESTORAGE_CONFIG_DIR, token inside the 5-minute window, `claude auth status` 5 times): logged in, {} refresh requests from it in the whole run, {} profile requests",
         mock.count(0, "refresh", None, Some(shared.bob)),
         mock.count(0, "profile", None, Some(shared.bob)),
     ));
@@ -599,10 +602,11 @@ fn a_consumer_that_can_refresh_breaks_the_chain(c: &Container, shared: &mut Shar
             "refresh",
             Some("ok"),
             Some(shared.bob)
-        ) == 1),
-        "the careless consumer did not refresh: {:?}",
-        mock.log()
+        ) >= 1),
+        "the careless consumer did not refresh:\n{}",
+        mock.summary()
     );
+    c.ok("systemctl stop careless");
     // The source's own refresh, as the keeper would start it: refused, and
     // the unit fails saying why.
     let (code, _, _) = c.sh("systemctl start claude-refresh.service");
@@ -631,7 +635,6 @@ fn a_consumer_that_can_refresh_breaks_the_chain(c: &Container, shared: &mut Shar
     );
     assert_eq!(seen(c, COPY).unwrap(), copy, "the last good copy stays");
     assert_eq!(c.bridge_starts(), starts, "no restart for a refused file");
-    c.ok("systemctl stop careless");
     shared.report.push(format!(
         "- side by side, a consumer with a writable directory and the refresh token: doctor said `{}` before it ran; it refreshed {} time(s), then the source's refresh got {} invalid_grant and the CLI blanked the source; cred-watch refused it and kept the last good copy, {:.1} s",
         line.split_whitespace().next().unwrap_or_default(),
