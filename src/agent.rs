@@ -18,7 +18,7 @@ use nix::poll::PollTimeout;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,75 @@ use std::time::{Duration, Instant};
 const INOTIFY: u64 = 0;
 const SIGNALS: u64 = 1;
 const RESTARTS: u64 = 2;
+
+/// Which of the loop's fds were ready.
+struct Woke {
+    inotify: bool,
+    signals: bool,
+    restarts: bool,
+}
+
+/// The loop's wait: epoll rather than poll(2), the fds registered once, not
+/// on every wait (measured: 22.3 µs per wake-up with poll on three fds,
+/// 19.8 µs with epoll, 18.5 µs for a blocking read of inotify alone).
+struct Waiter {
+    epoll: Epoll,
+    /// The inotify fd registered. A reload replaces the watcher while the
+    /// old one is still open, so a new inotify fd always has a new number;
+    /// closing the old one took it out of the epoll set.
+    inotify: Option<RawFd>,
+}
+
+impl Waiter {
+    fn new(signals: &UnixStream, restarts: &UnixStream) -> anyhow::Result<Waiter> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
+        epoll
+            .add(signals, readable(SIGNALS))
+            .context("epoll: the signal socket")?;
+        epoll
+            .add(restarts, readable(RESTARTS))
+            .context("epoll: the restart worker's socket")?;
+        Ok(Waiter {
+            epoll,
+            inotify: None,
+        })
+    }
+
+    /// Waits until an fd is ready or `deadline` passes.
+    fn wait(&mut self, inotify: BorrowedFd, deadline: Option<Instant>) -> anyhow::Result<Woke> {
+        if self.inotify != Some(inotify.as_raw_fd()) {
+            self.epoll
+                .add(inotify, readable(INOTIFY))
+                .context("epoll: the inotify fd")?;
+            self.inotify = Some(inotify.as_raw_fd());
+        }
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                let ms = at.saturating_duration_since(Instant::now()).as_millis();
+                // Round up so a deadline is never waited for early in a busy loop.
+                PollTimeout::try_from(ms.saturating_add(1).min(i32::MAX as u128))
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut events = [EpollEvent::empty(); 3];
+        let ready = match self.epoll.wait(&mut events, timeout) {
+            Ok(n) => &events[..n],
+            Err(nix::errno::Errno::EINTR) => &[][..],
+            Err(e) => return Err(e).context("epoll_wait"),
+        };
+        let is = |what| ready.iter().any(|e| e.data() == what);
+        Ok(Woke {
+            inotify: is(INOTIFY),
+            signals: is(SIGNALS),
+            restarts: is(RESTARTS),
+        })
+    }
+}
+
+fn readable(data: u64) -> EpollEvent {
+    EpollEvent::new(EpollFlags::EPOLLIN, data)
+}
 
 /// At most one state write per this interval during a storm.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
@@ -671,59 +740,22 @@ impl Agent {
         sigfd: &UnixStream,
         signals: &[(i32, Arc<AtomicBool>)],
     ) -> anyhow::Result<()> {
-        // epoll rather than poll(2): the fds are registered once, not on
-        // every wait (measured: 22.3 µs per wake-up with poll on three fds,
-        // 19.8 µs with epoll, 18.5 µs for a blocking read of inotify alone).
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
-        let readable = |data| EpollEvent::new(EpollFlags::EPOLLIN, data);
-        epoll
-            .add(sigfd, readable(SIGNALS))
-            .context("epoll: the signal socket")?;
-        epoll
-            .add(&self.worker.wake, readable(RESTARTS))
-            .context("epoll: the restart worker's socket")?;
-        // A reload replaces the watcher while the old one is still open, so
-        // a new inotify fd always has a new number; closing the old one took
-        // it out of the epoll set.
-        let mut registered = None;
+        let mut waiter = Waiter::new(sigfd, &self.worker.wake)?;
         // The next deadline, kept while nothing changes: most wake-ups are
         // events next to the source that concern no watch (a CLI's history
         // appends), and they should cost a read and nothing more.
         let mut deadline = None;
         loop {
-            let inotify_fd = self.watcher.fd().as_raw_fd();
-            if registered != Some(inotify_fd) {
-                epoll
-                    .add(self.watcher.fd(), readable(INOTIFY))
-                    .context("epoll: the inotify fd")?;
-                registered = Some(inotify_fd);
-            }
             let next = *deadline.get_or_insert_with(|| self.next_deadline());
-            let timeout = match next {
-                None => PollTimeout::NONE,
-                Some(at) => {
-                    let ms = at.saturating_duration_since(Instant::now()).as_millis();
-                    // Round up so a deadline is never polled for early in a busy loop.
-                    PollTimeout::try_from(ms.saturating_add(1).min(i32::MAX as u128))
-                        .unwrap_or(PollTimeout::MAX)
-                }
-            };
-            let mut events = [EpollEvent::empty(); 3];
-            let ready = match epoll.wait(&mut events, timeout) {
-                Ok(n) => &events[..n],
-                Err(nix::errno::Errno::EINTR) => &[][..],
-                Err(e) => return Err(e).context("epoll_wait"),
-            };
-            let is = |what| ready.iter().any(|e| e.data() == what);
-            let (ino, sig, done) = (is(INOTIFY), is(SIGNALS), is(RESTARTS));
-            let mut changed = sig || done;
-            if sig && self.handle_signals(sigfd, signals) {
+            let woke = waiter.wait(self.watcher.fd(), next)?;
+            let mut changed = woke.signals || woke.restarts;
+            if woke.signals && self.handle_signals(sigfd, signals) {
                 return Ok(());
             }
-            if ino {
+            if woke.inotify {
                 changed |= self.handle_inotify()?;
             }
-            if done {
+            if woke.restarts {
                 self.restart_outcomes();
             }
             if !changed && next.is_none_or(|at| Instant::now() < at) {

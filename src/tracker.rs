@@ -293,13 +293,7 @@ impl Tracker {
             v.changes.join(", ")
         };
         if !v.content_changed {
-            if v.changes.is_empty() {
-                return vec![debug(format!("{}: {fp} in sync", w.name))];
-            }
-            let action = format!("{fp} unchanged{expiry}: {changes}");
-            rec.last_action = Some(action.clone());
-            rec.last_action_at_ms = Some(now.wall_ms);
-            return vec![info(format!("{}: {action}", w.name))];
+            return unchanged(w, rec, v, &expiry, &changes, now);
         }
         let first = rec.fingerprint.is_none();
         let mut fx = self.refreshed(w, rec, v.expires_at, now);
@@ -609,6 +603,26 @@ fn info(message: String) -> Effect {
 
 fn debug(message: String) -> Effect {
     Effect::Log(Level::Debug, message)
+}
+
+/// The credential already applied came by again: only what the actions
+/// did is news (a mode put back, a copy restored), or nothing at all.
+fn unchanged(
+    w: &WatchSettings,
+    rec: &mut WatchRecord,
+    v: &Valid,
+    expiry: &str,
+    changes: &str,
+    now: Now,
+) -> Vec<Effect> {
+    let fp = v.fingerprint;
+    if v.changes.is_empty() {
+        return vec![debug(format!("{}: {fp} in sync", w.name))];
+    }
+    let action = format!("{fp} unchanged{expiry}: {changes}");
+    rec.last_action = Some(action.clone());
+    rec.last_action_at_ms = Some(now.wall_ms);
+    vec![info(format!("{}: {action}", w.name))]
 }
 
 #[cfg(test)]
