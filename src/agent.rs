@@ -25,6 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A change of the wall clock against the monotonic one larger than this
+/// is a step: the deadlines derived from wall-clock times are recomputed.
+const CLOCK_STEP_MS: u64 = 1_000;
+
 /// What woke the loop (the epoll data of each fd).
 const INOTIFY: u64 = 0;
 const SIGNALS: u64 = 1;
@@ -743,10 +747,16 @@ impl Agent {
         let mut waiter = Waiter::new(sigfd, &self.worker.wake)?;
         // The next deadline, kept while nothing changes: most wake-ups are
         // events next to the source that concern no watch (a CLI's history
-        // appends), and they should cost a read and nothing more.
+        // appends), and they should cost a read and nothing more. Kept with
+        // the wall clock's offset from the monotonic one at that time: some
+        // deadlines come from wall-clock times (a token's refresh and
+        // expiry), and a step of the clock (NTP at boot, a resume) moves them.
+        let base = Instant::now();
+        let offset = || now_ms().saturating_sub(clock::ms(base.elapsed()));
         let mut deadline = None;
         loop {
-            let next = *deadline.get_or_insert_with(|| self.next_deadline());
+            let (next, at_offset) =
+                *deadline.get_or_insert_with(|| (self.next_deadline(), offset()));
             let woke = waiter.wait(self.watcher.fd(), next)?;
             let mut changed = woke.signals || woke.restarts;
             if woke.signals && self.handle_signals(sigfd, signals) {
@@ -758,7 +768,8 @@ impl Agent {
             if woke.restarts {
                 self.restart_outcomes();
             }
-            if !changed && next.is_none_or(|at| Instant::now() < at) {
+            let stepped = offset().abs_diff(at_offset) > CLOCK_STEP_MS;
+            if !changed && !stepped && next.is_none_or(|at| Instant::now() < at) {
                 continue;
             }
             deadline = None;

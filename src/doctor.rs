@@ -524,6 +524,7 @@ fn check_reader(
                 source_valid,
                 unit: unit.map(|u| u.unit.as_str()),
                 configured: unit.map(|u| &u.configured),
+                main: unit.and_then(|u| running_main(&u.idents)),
             };
             match can_read(id, &t) {
                 Ok(()) => fine.push(id.who.as_str()),
@@ -781,6 +782,9 @@ struct Target<'a> {
     /// That unit's configured credentials: a group they have and the
     /// running process lacks arrives with a restart.
     configured: Option<&'a Ident>,
+    /// That unit's running main process, when it runs: what its workers
+    /// can inherit now.
+    main: Option<&'a Ident>,
 }
 
 /// Opens the target for real in a child process with `id`'s credentials;
@@ -1084,17 +1088,30 @@ fn no_initgroups(id: &Ident, t: &Target, gid: u32, unit: &str, restart: &str) ->
         "group = \"{primary}\" in the [[watch.copy]] for {} (every worker user must have that primary group), then cred-watch check >/dev/null && systemctl reload cred-watch && {restart}",
         t.path.display()
     );
+    let master_has = t.main.is_some_and(|m| m.in_group(gid));
     let unit_gives = t.configured.is_some_and(|c| c.in_group(gid));
-    if unit_gives && id.groups.is_empty() {
+    if master_has && id.groups.is_empty() {
+        // The process that started it has the group, it has none at all.
         return (
-            format!("{unit} starts its workers with no supplementary group at all (setgroups to none, e.g. setpriv --clear-groups), so its SupplementaryGroups={group} does not reach them"),
+            format!("{unit} starts its workers with no supplementary group at all (setgroups to none, e.g. setpriv --clear-groups), so the group {group} of its main process does not reach them"),
             format!("give the copy their primary group: {primary_fix}; or have {unit} start them with initgroups (setpriv --init-groups, runuser -u) after usermod -aG {group} {}", id.name),
+        );
+    }
+    if unit_gives && !master_has && t.main.is_some() {
+        return (
+            format!("{unit} was started before it was given the group {group}, so its main process and its workers do not have it yet"),
+            restart.to_string(),
         );
     }
     (
         format!("{unit} drops privileges without initgroups, so its workers keep only the groups they inherit"),
         format!("add SupplementaryGroups={group} to {unit} (systemctl edit {unit}: [Service] SupplementaryGroups={group}), then {restart}; if its workers clear their groups (setpriv --clear-groups), that does not reach them: set {primary_fix}"),
     )
+}
+
+/// The unit's running main process among the credentials tested.
+fn running_main(idents: &[Ident]) -> Option<&Ident> {
+    idents.first().filter(|i| i.origin == Origin::Main)
 }
 
 /// `source_valid`: the source is present and valid now. Without it, a
@@ -1365,6 +1382,7 @@ impl Consumer<'_> {
             source_valid: self.source_valid,
             unit: Some(self.unit),
             configured: Some(&self.configured),
+            main: running_main(&self.idents),
         }
     }
 }

@@ -412,6 +412,8 @@ pub struct FileMeta {
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// At most this many entries of a directory are looked at for leftovers.
+const STALE_SCAN_MAX: usize = 10_000;
 const TEMP_MARK: &str = ".cred-watch-";
 
 /// Removes what a previous run killed mid-write left in `dir`: temp files
@@ -421,8 +423,11 @@ const TEMP_MARK: &str = ".cred-watch-";
 pub fn remove_stale_temps(dir: &Path) -> usize {
     let Ok(fd) = open_dir(dir) else { return 0 };
     let names: Vec<std::ffi::OsString> = match fd.try_clone().map(nix::dir::Dir::from_fd) {
+        // Bounded: a directory others can fill (a sticky one above a copy)
+        // must not hold the start back.
         Ok(Ok(mut listing)) => listing
             .iter()
+            .take(STALE_SCAN_MAX)
             .filter_map(Result::ok)
             .map(|e| std::os::unix::ffi::OsStringExt::from_vec(e.file_name().to_bytes().to_vec()))
             .collect(),

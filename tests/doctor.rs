@@ -901,7 +901,7 @@ fn workers_that_clear_their_groups_are_told_the_copy_group_not_supplementary_gro
     let line = d.line(&out, "fail", CONSUMER);
     assert!(
         line.contains("starts its workers with no supplementary group at all")
-            && line.contains("SupplementaryGroups=daemon does not reach them")
+            && line.contains("the group daemon of its main process does not reach them")
             && line.contains(
                 "fix: give the copy their primary group: group = \"nogroup\" in the [[watch.copy]]"
             )
@@ -911,6 +911,29 @@ fn workers_that_clear_their_groups_are_told_the_copy_group_not_supplementary_gro
     assert!(
         !line.contains("fix: add SupplementaryGroups"),
         "the fix matches the cause: {line}"
+    );
+}
+
+/// The unit gives the group now, but its running master was started before
+/// (a root master with no group at all): a restart, not the copy's group.
+#[test]
+fn a_master_started_before_the_unit_gave_the_group_is_told_to_restart() {
+    needs_root!("a_master_started_before_the_unit_gave_the_group_is_told_to_restart");
+    let env = Env::new();
+    let d = consumer_setup(&env, &daemon_group_config());
+    let master = Sleeper::spawn(&["--clear-groups"]);
+    let worker = Sleeper::spawn(NOBODY_NO_GROUPS);
+    let (m, w) = (master.pid(), worker.pid());
+    let supplementary = json!({"supplementary_groups": ["daemon"]});
+    running_bridge(&d, &env, "", m, &[m, w], supplementary);
+    let (_, out) = d.run(&[]);
+    let line = d.line(&out, "fail", CONSUMER);
+    assert!(
+        line.contains("bridge.service was started before it was given the group daemon")
+            && line.contains("fix: systemctl restart bridge.service")
+            && !line.contains("no supplementary group at all")
+            && !line.contains("[[watch.copy]]"),
+        "{line}"
     );
 }
 
