@@ -177,6 +177,7 @@ fn measure(
 /// A contender that misses this many changes is reported as such.
 const MAX_LOST: usize = 50;
 
+#[derive(Default)]
 struct Samples {
     us: Vec<f64>,
     lost: usize,
@@ -858,13 +859,7 @@ fn main() {
             p,
         )
     });
-    let mut pooled: Vec<Samples> = contenders
-        .iter()
-        .map(|_| Samples {
-            us: Vec::new(),
-            lost: 0,
-        })
-        .collect();
+    let mut pooled: Vec<Samples> = contenders.iter().map(|_| Samples::default()).collect();
     for _ in 0..ROUNDS {
         for (k, (_, _, dir, _)) in contenders.iter().enumerate() {
             let s = mode_latency(iters.div_ceil(ROUNDS), dir);
@@ -948,13 +943,7 @@ fn main() {
                 cws.push((name, d, p));
             }
         }
-        let mut pooled: Vec<Samples> = cws
-            .iter()
-            .map(|_| Samples {
-                us: Vec::new(),
-                lost: 0,
-            })
-            .collect();
+        let mut pooled: Vec<Samples> = cws.iter().map(|_| Samples::default()).collect();
         for _ in 0..ROUNDS {
             for (k, (_, d, _)) in cws.iter().enumerate() {
                 let s = copy_latency(d, iters.div_ceil(ROUNDS));

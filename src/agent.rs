@@ -206,14 +206,18 @@ impl Agent {
     /// Temp files a killed predecessor left next to our outputs.
     fn remove_stale_temps(&self) {
         // A copy's directory, and its parent (where a directory being
-        // created for it has its temp name).
+        // created for it has its temp name); each directory once, however
+        // many copies share it.
         let copy_dirs = self.settings.watches.iter().flat_map(|w| {
             w.copies.iter().flat_map(|c| {
                 let dir = crate::config::split_file(&c.dest).0;
                 std::iter::once(dir).chain(dir.parent())
             })
         });
-        let dirs = std::iter::once(self.settings.agent.state_dir.as_path()).chain(copy_dirs);
+        let dirs: std::collections::BTreeSet<&std::path::Path> =
+            std::iter::once(self.settings.agent.state_dir.as_path())
+                .chain(copy_dirs)
+                .collect();
         for dir in dirs {
             let n = crate::fsutil::remove_stale_temps(dir);
             if n > 0 {

@@ -438,11 +438,8 @@ fn a_consumer_on_the_copy_never_refreshes(c: &Container, shared: &mut Shared) {
     assert_eq!(c.ok(&format!("ls -A {COPY_DIR}")), ".credentials.json");
     assert_eq!(seen(c, COPY).unwrap(), copy);
     // doctor agrees: the consumer reads a copy and cannot refresh.
-    let (_, out, _) = c.sh("cred-watch doctor");
-    common::assert_no_secret(&out, "doctor");
-    let line = out
-        .lines()
-        .find(|l| l.contains("consumer bridge.service"))
+    let (_, out) = steps::doctor(c, "");
+    let line = steps::line_with(&out, "", "consumer bridge.service")
         .unwrap_or_else(|| panic!("no consumer line:\n{out}"));
     assert!(line.starts_with("ok"), "{line}\n{out}");
     shared.report.push(format!(
@@ -582,11 +579,8 @@ fn a_consumer_that_can_refresh_breaks_the_chain(c: &Container, shared: &mut Shar
         "units = [\"bridge.service\", \"careless.service\"]",
     );
     c.sh_input("cat > /tmp/careless.toml", &named);
-    let (code, out, _) = c.sh("cred-watch --config /tmp/careless.toml doctor");
-    common::assert_no_secret(&out, "doctor");
-    let line = out
-        .lines()
-        .find(|l| l.contains("consumer careless.service"))
+    let (code, out) = steps::doctor(c, "--config /tmp/careless.toml");
+    let line = steps::line_with(&out, "", "consumer careless.service")
         .unwrap_or_else(|| panic!("no line for careless.service:\n{out}"));
     assert!(line.starts_with("fail"), "{line}\n{out}");
     assert_ne!(code, 0, "doctor fails\n{out}");

@@ -32,7 +32,7 @@ mod steps;
 use common::assert_no_secret;
 use container::{now_ms, wait_until, Container};
 use std::time::Duration;
-use steps::steps;
+use steps::{doctor, line_with, steps};
 
 const SRC: &str = "/root/.claude/.credentials.json";
 const COPY_DIR: &str = "/var/lib/claude-credentials";
@@ -152,24 +152,10 @@ fn creds(seq: u64, hours: i64) -> String {
     common::creds_exp(seq, now_ms() + hours * 3_600_000 + seq as i64)
 }
 
-/// `cred-watch doctor`: exit code and output, checked for token text.
-fn doctor(c: &Container) -> (i32, String) {
-    let (code, out, err) = c.sh("cred-watch doctor");
-    assert_no_secret(&out, "doctor stdout");
-    assert_no_secret(&err, "doctor stderr");
-    (code, out)
-}
-
 /// Every line `ok` or `info`, as copy steps 6 and 7 promise.
 fn all_ok_or_info(out: &str) -> bool {
     out.lines()
         .all(|l| l.starts_with("ok ") || l.starts_with("info "))
-}
-
-/// The line of `out` that starts with `tag` and contains `needle`.
-fn line_with<'a>(out: &'a str, tag: &str, needle: &str) -> Option<&'a str> {
-    out.lines()
-        .find(|l| l.starts_with(tag) && l.contains(needle))
 }
 
 /// The bridge's worker: the one child of its main process, once it has
@@ -245,6 +231,17 @@ fn no_outage(c: &Container, shared: &Shared, path: &str) -> u32 {
 
 /// Waits until the bridge has been started `n` times in all and runs a
 /// worker.
+/// Once the agent has settled: `systemctl daemon-reload && systemctl
+/// restart bridge`, and the one new start on record. Returns the starts
+/// before it.
+fn daemon_reload_and_restart_bridge(c: &Container) -> usize {
+    c.settled();
+    let starts = c.bridge_starts();
+    c.ok("systemctl daemon-reload && systemctl restart bridge");
+    wait_starts(c, starts + 1);
+    starts
+}
+
 fn wait_starts(c: &Container, n: usize) {
     assert!(
         wait_until(Duration::from_secs(30), || c.bridge_starts() == n
@@ -362,7 +359,7 @@ fn migrate_2_check_and_dry_run(c: &Container, shared: &mut Shared) {
         before,
         "a dry run changes nothing"
     );
-    let (_, out) = doctor(c);
+    let (_, out) = doctor(c, "");
     assert!(
         line_with(
             &out,
@@ -402,7 +399,7 @@ fn migrate_4_enable_and_doctor(c: &Container, shared: &mut Shared) {
     c.ok("systemctl enable --now cred-watch");
     assert_eq!(c.ok("systemctl is-active cred-watch"), "active");
     c.settled();
-    let (code, out) = doctor(c);
+    let (code, out) = doctor(c, "");
     assert_eq!(code, 0, "{out}");
     assert!(
         !out.lines().any(|l| l.starts_with("fail")),
@@ -437,7 +434,7 @@ fn migrate_5_remove_the_old_units(c: &Container, _: &mut Shared) {
     for unit in ["claude-credentials.path", "claude-credentials.service"] {
         assert_eq!(c.show(unit, "LoadState"), "not-found", "{unit}");
     }
-    let (_, out) = doctor(c);
+    let (_, out) = doctor(c, "");
     assert!(!out.contains("old path unit"), "{out}");
 }
 
@@ -584,10 +581,7 @@ fn copy_4_give_the_workers_the_group(c: &Container, shared: &mut Shared) {
         &format!("mkdir -p /etc/systemd/system/bridge.service.d && cat > {OVERRIDE}"),
         DROP_IN,
     );
-    c.settled();
-    let starts = c.bridge_starts();
-    c.ok("systemctl daemon-reload && systemctl restart bridge");
-    wait_starts(c, starts + 1);
+    let starts = daemon_reload_and_restart_bridge(c);
     let env = c.show("bridge", "Environment");
     assert!(
         !env.contains("CLAUDE_SECURESTORAGE_CONFIG_DIR"),
@@ -717,10 +711,7 @@ fn copy_6_point_the_bridge_at_the_copy(c: &Container, shared: &mut Shared) {
         format!("{DROP_IN}{ENV_LINE}\n"),
         "the drop-in: the line of step 4, then the line of step 6"
     );
-    c.settled();
-    let starts = c.bridge_starts();
-    c.ok("systemctl daemon-reload && systemctl restart bridge");
-    wait_starts(c, starts + 1);
+    let starts = daemon_reload_and_restart_bridge(c);
     let env = c.show("bridge", "Environment");
     assert!(
         env.contains("CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/claude-credentials"),
@@ -729,7 +720,7 @@ fn copy_6_point_the_bridge_at_the_copy(c: &Container, shared: &mut Shared) {
     no_outage(c, shared, COPY);
     c.settled();
 
-    let (code, out) = doctor(c);
+    let (code, out) = doctor(c, "");
     assert!(
         code == 0 && all_ok_or_info(&out),
         "every line ok or info:\n{out}"
@@ -792,7 +783,7 @@ fn copy_7_take_back_permissions_mode(c: &Container, shared: &mut Shared) {
     c.settled();
     let after = c.ok(&format!("stat -c '%a %n' /root /root/.claude {SRC}"));
     assert_eq!(after, format!("700 /root\n700 /root/.claude\n600 {SRC}"));
-    let (code, out) = doctor(c);
+    let (code, out) = doctor(c, "");
     assert!(
         code == 0 && all_ok_or_info(&out),
         "doctor again: all ok:\n{out}"
@@ -856,7 +847,7 @@ fn no_token_leaks(c: &Container, _: &mut Shared) {
     assert_no_secret(&c.ok("journalctl --no-pager -o cat"), "journal");
     assert_no_secret(&c.ok("cat /var/lib/cred-watch/state.json"), "state.json");
     assert_no_secret(&c.ok("cred-watch status"), "cred-watch status");
-    doctor(c);
+    doctor(c, "");
 }
 
 /// `dpkg --purge cred-watch`: the state and the configuration go, the

@@ -637,6 +637,15 @@ fn config_with(agent_extra: &str, watch_extra: &str) -> String {
         )
 }
 
+/// The base configuration with `unit` restarted next to the bridge.
+fn config_restarting_also(unit: &str) -> String {
+    config("0640").replacen(
+        "units = [\"bridge.service\"]",
+        &format!("units = [\"bridge.service\", \"{unit}\"]"),
+        1,
+    )
+}
+
 /// The base configuration back, reloaded (for `OnFailure`: reports
 /// instead of panicking).
 fn put_back_config(c: &Container) {
@@ -824,26 +833,15 @@ fn doctor_reads_a_consumer_unit_over_dbus(c: &Container, _: &mut Shared) {
     let _restore = OnFailure(|| put_back_config(c));
     c.ok("id worker >/dev/null 2>&1 || useradd -r -M -d /nonexistent -G claude-credentials worker");
     c.ok("printf '[Service]\\nUser=worker\\nEnvironment=CLAUDE_SECURESTORAGE_CONFIG_DIR=/var/lib/claude-credentials ANTHROPIC_BASE_URL=http://127.0.0.1:9\\nExecStart=/bin/sleep infinity\\n' > /etc/systemd/system/consumer.service && systemctl daemon-reload && systemctl start consumer");
-    let toml = config("0640").replacen(
-        "units = [\"bridge.service\"]",
-        "units = [\"bridge.service\", \"consumer.service\"]",
-        1,
-    );
-    reload_with(c, &toml);
-    let (_, out, err) = c.sh("cred-watch doctor");
-    assert_no_secret(&out, "doctor");
-    let line = out
-        .lines()
-        .find(|l| l.contains("consumer consumer.service"))
-        .unwrap_or_else(|| panic!("no consumer line:\n{out}\n{err}"));
+    reload_with(c, &config_restarting_also("consumer.service"));
+    let (_, out) = steps::doctor(c, "");
+    let line = steps::line_with(&out, "", "consumer consumer.service")
+        .unwrap_or_else(|| panic!("no consumer line:\n{out}"));
     assert!(
         line.starts_with("ok") && line.contains("User=worker reads a copy"),
         "{line}\n{out}"
     );
-    let root_bridge = out
-        .lines()
-        .find(|l| l.contains("consumer bridge.service"))
-        .unwrap_or_default();
+    let root_bridge = steps::line_with(&out, "", "consumer bridge.service").unwrap_or_default();
     assert!(
         root_bridge.starts_with("fail") && root_bridge.contains("can create entries"),
         "{out}"
@@ -885,14 +883,8 @@ fn a_bridge_whose_workers_drop_privileges(c: &Container, _: &mut Shared) {
     let site = c.ok("id -u site");
     // Without initgroups the worker has no supplementary group.
     start_workers(c, "clear");
-    let toml = config("0640").replacen(
-        "units = [\"bridge.service\"]",
-        "units = [\"bridge.service\", \"workers.service\"]",
-        1,
-    );
-    reload_with(c, &toml);
-    let (code, out, _) = c.sh("cred-watch doctor");
-    assert_no_secret(&out, "doctor");
+    reload_with(c, &config_restarting_also("workers.service"));
+    let (code, out) = steps::doctor(c, "");
     let line = |out: &str| -> String {
         out.lines()
             .find(|l| l.contains("consumer workers.service") && !l.starts_with("info"))
@@ -912,7 +904,7 @@ fn a_bridge_whose_workers_drop_privileges(c: &Container, _: &mut Shared) {
     // With initgroups and the group, holding the copy open.
     c.ok("usermod -aG claude-credentials site");
     start_workers(c, "hold");
-    let (_, out, _) = c.sh("cred-watch doctor");
+    let (_, out) = steps::doctor(c, "");
     assert!(
         line(&out).starts_with("ok") && line(&out).contains("reads a copy"),
         "{out}"

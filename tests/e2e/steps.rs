@@ -113,6 +113,22 @@ pub fn put_back(c: &Container, script: &str) {
     }
 }
 
+/// `cred-watch ARGS doctor` in the container: its exit code and output,
+/// neither output holding token text.
+pub fn doctor(c: &Container, args: &str) -> (i32, String) {
+    let (code, out, err) = c.sh(&format!("cred-watch {args} doctor"));
+    super::common::assert_no_secret(&out, "doctor stdout");
+    super::common::assert_no_secret(&err, "doctor stderr");
+    (code, out)
+}
+
+/// The first line of doctor's output that starts with `tag` (`ok`, `warn`,
+/// `fail`, `info`; "" for any) and contains `needle`.
+pub fn line_with<'a>(out: &'a str, tag: &str, needle: &str) -> Option<&'a str> {
+    out.lines()
+        .find(|l| l.starts_with(tag) && l.contains(needle))
+}
+
 /// Writes the report to target/NAME and asserts no step failed.
 pub fn finish(report: &[String], file: &str, failed: &[String], total: usize) {
     let report = report.join("\n");
