@@ -2,7 +2,8 @@
  * The floor for benches/wakeup-cost.sh: an inotify watch on DIR and a loop
  * that waits and reads its events, nothing else. MODE 0: blocking read;
  * 1: poll(2) on the inotify fd and two idle sockets, then read; 2: the
- * same with epoll. Usage: wait-loop MODE DIR
+ * same with epoll; 3: epoll with a timeout of an hour (a deadline armed on
+ * every wait, as an agent with a pending expiry has). Usage: wait-loop MODE DIR
  */
 #include <sys/inotify.h>
 #include <poll.h>
@@ -28,8 +29,8 @@ int main(int argc, char **argv) {
     if (mode == 1) {
       struct pollfd p[3] = {{fd, POLLIN, 0}, {sv[0], POLLIN, 0}, {sw[0], POLLIN, 0}};
       poll(p, 3, -1);
-    } else if (mode == 2) {
-      struct epoll_event out[3]; epoll_wait(ep, out, 3, -1);
+    } else if (mode == 2 || mode == 3) {
+      struct epoll_event out[3]; epoll_wait(ep, out, 3, mode == 3 ? 3600000 : -1);
     }
     read(fd, buf, sizeof buf);
   }

@@ -15,10 +15,10 @@ base=${CRED_WATCH_BENCH_DIR:-/var/tmp}/wakeup-cost
 rm -rf "$base" && mkdir -p "$base"
 cc -O2 -o "$base/wait-loop" benches/wait-loop.c
 pids=() names=() dirs=()
-for mode in 0 1 2; do
+for mode in 0 1 2 3; do
     d=$base/floor-$mode && mkdir -p "$d"
     "$base/wait-loop" "$mode" "$d" & pids+=($!)
-    names+=("C wait loop: $(case $mode in 0) echo 'blocking read';; 1) echo 'poll + read';; 2) echo 'epoll + read';; esac)")
+    names+=("C wait loop: $(case $mode in 0) echo 'blocking read';; 1) echo 'poll + read';; 2) echo "epoll + read";; 3) echo "epoll (1 h timeout) + read";; esac)")
     dirs+=("$d")
 done
 i=0

@@ -1,5 +1,7 @@
 //! fs.inotify.max_user_watches exhausted: the agent must not run blind. It
-//! exits non-zero (so systemd restarts it) with an error naming the limit.
+//! exits non-zero (so systemd restarts it) with an error naming the limit;
+//! when only the source file's own watch is refused, it watches the
+//! source's directory for every write instead.
 //!
 //! The limit is lowered for the agent alone, never for the host: inotify
 //! watches are counted per user *namespace* (since Linux 4.9,
@@ -33,16 +35,20 @@ fn write_proc(path: &std::ffi::CStr, value: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// A new user namespace for the child, root mapped to root, in which no
-/// inotify watch can be added.
-fn no_watches_in_a_new_userns() -> io::Result<()> {
+/// A new user namespace for the child, root mapped to root, in which at
+/// most `limit` (decimal digits) inotify watches can be added.
+fn watches_in_a_new_userns(limit: &[u8]) -> io::Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
         return Err(io::Error::last_os_error());
     }
     write_proc(c"/proc/self/setgroups", b"deny")?;
     write_proc(c"/proc/self/uid_map", b"0 0 1")?;
     write_proc(c"/proc/self/gid_map", b"0 0 1")?;
-    write_proc(c"/proc/sys/user/max_inotify_watches", b"0")
+    write_proc(c"/proc/sys/user/max_inotify_watches", limit)
+}
+
+fn no_watches_in_a_new_userns() -> io::Result<()> {
+    watches_in_a_new_userns(b"0")
 }
 
 #[test]
@@ -77,5 +83,53 @@ fn watch_limit_is_a_clear_fatal_error() {
     // Outside that namespace the same configuration runs.
     let agent = Agent::start(&env, &config);
     assert!(wait_until(Duration::from_secs(5), || mode(&src) == 0o644));
+    agent.stop();
+}
+
+/// One watch short: every directory on the way to the source is watched,
+/// but not the file's inode. The agent runs, watching the source's
+/// directory for every write instead, and misses no write in place.
+#[test]
+fn no_watch_left_for_the_file_itself_falls_back_to_its_directory() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: root mapped to root in a user namespace needs root");
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config("[watch.permissions]\n"));
+    // One watch per directory from `/` down to the source's.
+    let dirs = src.parent().unwrap().ancestors().count().to_string();
+    let (mut cmd, log) = Agent::command(&env, &config, &[]);
+    unsafe { cmd.pre_exec(move || watches_in_a_new_userns(dirs.as_bytes())) };
+    let agent = Agent::start_command(cmd, log);
+    assert!(
+        agent.wait_log("cannot watch the file itself", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(5), || mode(&src) == 0o644));
+    // A mode change and a write in place, neither of which renames.
+    set_mode(&src, 0o600);
+    assert!(
+        wait_until(Duration::from_secs(5), || mode(&src) == 0o644),
+        "a chmod of the source is noticed: {}",
+        agent.stderr()
+    );
+    // A write in place: the state follows the new credential.
+    let state = env.path("state/state.json");
+    let fingerprint = |s: &serde_json::Value| s["watches"]["claude"]["fingerprint"].clone();
+    let first = fingerprint(&round_trip(&env, &agent));
+    assert!(first.is_string(), "{first}");
+    write_in_place(&src, &creds(2));
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            read_json(&state).is_some_and(|s| fingerprint(&s) != first)
+        }),
+        "a write in place is noticed: {}",
+        agent.stderr()
+    );
     agent.stop();
 }

@@ -205,6 +205,16 @@ impl Agent {
 
     /// Starts `cred-watch run` without waiting for it to become ready.
     pub fn spawn(env: &Env, config: &Path, extra_env: &[(&str, &str)]) -> Agent {
+        let (mut cmd, log) = Self::command(env, config, extra_env);
+        Agent {
+            child: Some(cmd.spawn().unwrap()),
+            log,
+        }
+    }
+
+    /// The command [`spawn`](Self::spawn) runs, and the file its stderr
+    /// goes to, for a test that adds to it ([`start_command`](Self::start_command)).
+    pub fn command(env: &Env, config: &Path, extra_env: &[(&str, &str)]) -> (Command, PathBuf) {
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = env.path(&format!("agent-{n}.log"));
         let mut cmd = Command::new(BIN);
@@ -218,10 +228,21 @@ impl Agent {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        Agent {
+        (cmd, log)
+    }
+
+    /// Starts a command from [`command`](Self::command); waits until ready.
+    pub fn start_command(mut cmd: Command, log: PathBuf) -> Agent {
+        let agent = Agent {
             child: Some(cmd.spawn().unwrap()),
             log,
-        }
+        };
+        assert!(
+            agent.wait_log("ready:", Duration::from_secs(10)),
+            "agent did not become ready:\n{}",
+            agent.stderr()
+        );
+        agent
     }
 
     /// Its exit status once it has exited by itself within `timeout`.
