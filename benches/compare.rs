@@ -822,49 +822,70 @@ fn main() {
     // measured in alternating rounds (only one is exercised at a time; the
     // others sit blocked in read/poll). Pooling the rounds cancels the drift
     // between blocks measured minutes apart, which on this 2-vCPU VM was as
-    // large as the gap being measured.
-    const ROUNDS: usize = 6;
-    let mut contenders: Vec<(&str, &str, PathBuf, Proc)> = vec![
-        {
-            let d = fresh_dir(base, "floor").join("claude");
-            let p = floor_watcher(&me, &d);
+    // large as the gap being measured. Each round starts fresh processes in
+    // fresh directories, and the order rotates: two copies of one binary
+    // measured as two long-lived processes differed by 20 % at p50 (where
+    // each process happened to sleep and wake), which fresh processes
+    // average out.
+    const ROUNDS: usize = 10;
+    let spawn_contenders = |round: usize| {
+        let mut contenders: Vec<(&str, &str, PathBuf, Proc)> = vec![
+            {
+                let d = fresh_dir(base, &format!("floor-{round}")).join("claude");
+                let p = floor_watcher(&me, &d);
+                (
+                    FLOOR,
+                    "floor: inotify + fchmod loop (the bench binary)",
+                    d,
+                    p,
+                )
+            },
+            {
+                let d = fresh_dir(base, &format!("cw-mode-{round}"));
+                let p = cred_watch(&bin, &d, &perms(&d));
+                (CW, CW, d.join("claude"), p)
+            },
+        ];
+        if let Some(old) = &before_bin {
+            let d = fresh_dir(base, &format!("cw-before-mode-{round}"));
+            let p = cred_watch(old, &d, &perms(&d));
+            contenders.push((CW_BEFORE, CW_BEFORE, d.join("claude"), p));
+        }
+        contenders.push({
+            let d = fresh_dir(base, &format!("script-mode-{round}")).join("claude");
+            let p = script(&format!(
+                "inotifywait -m -q -e moved_to,close_write --format %f '{0}' | while read -r f; do [ \"$f\" = {NAME} ] && chmod 644 '{0}/{NAME}'; done",
+                d.display()
+            ));
             (
-                FLOOR,
-                "floor: inotify + fchmod loop (the bench binary)",
+                "inotifywait | while read; chmod",
+                "inotifywait | while read; chmod",
                 d,
                 p,
             )
-        },
-        {
-            let d = fresh_dir(base, "cw-mode");
-            let p = cred_watch(&bin, &d, &perms(&d));
-            (CW, CW, d.join("claude"), p)
-        },
-    ];
-    if let Some(old) = &before_bin {
-        let d = fresh_dir(base, "cw-before-mode");
-        let p = cred_watch(old, &d, &perms(&d));
-        contenders.push((CW_BEFORE, CW_BEFORE, d.join("claude"), p));
-    }
-    contenders.push({
-        let d = fresh_dir(base, "script-mode").join("claude");
-        let p = script(&format!(
-            "inotifywait -m -q -e moved_to,close_write --format %f '{0}' | while read -r f; do [ \"$f\" = {NAME} ] && chmod 644 '{0}/{NAME}'; done",
-            d.display()
-        ));
-        (
-            "inotifywait | while read; chmod",
-            "inotifywait | while read; chmod",
-            d,
-            p,
-        )
-    });
-    let mut pooled: Vec<Samples> = contenders.iter().map(|_| Samples::default()).collect();
-    for _ in 0..ROUNDS {
-        for (k, (_, _, dir, _)) in contenders.iter().enumerate() {
-            let s = mode_latency(iters.div_ceil(ROUNDS), dir);
-            pooled[k].us.extend(s.us);
-            pooled[k].lost += s.lost;
+        });
+        contenders
+    };
+    let mut contenders = Vec::new();
+    let mut pooled: Vec<Samples> = Vec::new();
+    for round in 0..ROUNDS {
+        // The previous round's processes are stopped (dropped) first.
+        drop(std::mem::take(&mut contenders));
+        contenders = spawn_contenders(round);
+        pooled.resize_with(contenders.len(), Samples::default);
+        let k = contenders.len();
+        for j in 0..k {
+            let c = (j + round) % k;
+            let s = mode_latency(iters.div_ceil(ROUNDS), &contenders[c].2);
+            let mut sorted = s.us.clone();
+            sorted.sort_by(f64::total_cmp);
+            eprintln!(
+                "  round {round}: {} p50 {:.0} µs",
+                contenders[c].0,
+                sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+            );
+            pooled[c].us.extend(s.us);
+            pooled[c].lost += s.lost;
         }
     }
     // 5. idle memory of each contender, side by side, after the latency runs

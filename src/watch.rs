@@ -8,22 +8,23 @@
 use crate::fsutil::{self, FsError};
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use nix::fcntl::AtFlags;
-use nix::sys::stat::{fstatat, SFlag};
+use nix::sys::stat::fstatat;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-/// What a directory on the way to a source is watched for: only what can
-/// change the path (an entry created, deleted or moved; the directory
-/// itself deleted or moved). Writes and attribute changes of unrelated
-/// files there (`~/.bash_history`, files in `/tmp`) never wake the agent.
-/// The source's own directory gets the same: the file's writes and mode
-/// changes come through a watch on its inode (see [`Watcher::follow`]), so
-/// a CLI appending to `history.jsonl` next to its credentials costs nothing.
-fn ancestor_mask() -> WatchMask {
-    WatchMask::CREATE
-        | WatchMask::MOVED_TO
+/// What a directory on the way to a source is watched for while its next
+/// component exists: only what can change the path (that entry deleted or
+/// moved away, another moved over it; the directory itself deleted or
+/// moved). An existing name cannot be created again, so creations are
+/// watched for only while the component is missing ([`WAITING`]): temp
+/// files (a CLI's own, `~/.claude.json.tmp.*`, files in `/tmp`) never wake
+/// the agent. Writes and mode changes of the source come through a watch on
+/// its inode ([`Watcher::follow`]), so a CLI appending to `history.jsonl`
+/// next to its credentials costs nothing either.
+fn dir_mask() -> WatchMask {
+    WatchMask::MOVED_TO
         | WatchMask::MOVED_FROM
         | WatchMask::DELETE
         | WatchMask::DELETE_SELF
@@ -32,15 +33,18 @@ fn ancestor_mask() -> WatchMask {
         | WatchMask::EXCL_UNLINK
 }
 
+/// Added to a directory's watch while the component it leads to is missing.
+const WAITING: WatchMask = WatchMask::CREATE;
+
 /// What the file's inode is watched for: writes in place and mode changes.
 fn inode_mask() -> WatchMask {
-    WatchMask::CLOSE_WRITE | WatchMask::ATTRIB | WatchMask::DONT_FOLLOW | WatchMask::MASK_ADD
+    WatchMask::CLOSE_WRITE | WatchMask::ATTRIB | WatchMask::DONT_FOLLOW
 }
 
-/// The source's directory when its file cannot be watched on its inode
-/// (no `/proc`, or no watch left): every file's writes and mode changes.
-fn wide_leaf_mask() -> WatchMask {
-    ancestor_mask() | WatchMask::CLOSE_WRITE | WatchMask::ATTRIB
+/// Added to the source's directory when the file cannot be watched on its
+/// inode (no `/proc`, or no watch left): every file's writes and mode changes.
+fn wide() -> WatchMask {
+    WatchMask::CLOSE_WRITE | WatchMask::ATTRIB
 }
 
 /// What happened, for the agent to act on.
@@ -61,6 +65,9 @@ pub enum Change {
 struct Link {
     wd: WatchDescriptor,
     child: OsString,
+    /// What this slot needs from the directory; the kernel keeps one mask
+    /// per directory, the union of its links' masks.
+    mask: WatchMask,
 }
 
 struct Slot {
@@ -154,20 +161,9 @@ impl Watcher {
         child: &OsStr,
         mask: WatchMask,
     ) -> Result<(), FsError> {
-        // Watch the very inode we opened, not whatever the path names now.
-        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        let target = if self.proc_fds {
-            proc_path.as_path()
-        } else {
-            path
-        };
-        let wd = self
-            .inotify
-            .watches()
-            // The kernel keeps one mask per inode: a directory that is one
-            // watch's ancestor and another's leaf gets both (MASK_ADD).
-            .add(target, mask | WatchMask::MASK_ADD)
-            .map_err(|e| watch_error(path, e))?;
+        // The kernel keeps one mask per inode: a directory that is one
+        // watch's ancestor and another's leaf gets both (MASK_ADD).
+        let wd = self.watch_dir(fd, path, mask | WatchMask::MASK_ADD)?;
         let users = self.wds.entry(wd.clone()).or_default();
         if !users.contains(&n) {
             users.push(n);
@@ -175,7 +171,50 @@ impl Watcher {
         self.slots[n].links.push(Link {
             wd,
             child: child.to_os_string(),
+            mask,
         });
+        Ok(())
+    }
+
+    /// Adds to (or, without MASK_ADD, sets) the watch on the directory
+    /// opened as `fd`: the very inode opened, not whatever `path` names now
+    /// (unless there is no `/proc`).
+    fn watch_dir(
+        &self,
+        fd: BorrowedFd,
+        path: &Path,
+        mask: WatchMask,
+    ) -> Result<WatchDescriptor, FsError> {
+        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let target = if self.proc_fds {
+            proc_path.as_path()
+        } else {
+            path
+        };
+        self.inotify
+            .watches()
+            .add(target, mask | WatchMask::ONLYDIR)
+            .map_err(|e| watch_error(path, e))
+    }
+
+    /// Adds `extra` to what slot `n`'s last directory is watched for; `fd`
+    /// is that directory (the slot's own when `None`).
+    fn amend_last(
+        &mut self,
+        n: usize,
+        fd: Option<(BorrowedFd, &Path)>,
+        extra: WatchMask,
+    ) -> Result<(), FsError> {
+        let slot = &self.slots[n];
+        let dir = match (fd, &slot.fd) {
+            (Some(dir), _) => dir,
+            (None, Some(fd)) => (fd.as_fd(), slot.dir.as_path()),
+            (None, None) => return Ok(()),
+        };
+        self.watch_dir(dir.0, dir.1, extra | WatchMask::MASK_ADD)?;
+        if let Some(link) = self.slots[n].links.last_mut() {
+            link.mask |= extra;
+        }
         Ok(())
     }
 
@@ -190,7 +229,15 @@ impl Watcher {
         let file = self.slots[n].file.clone();
         let mut walk = fsutil::Walk::start(&dir)?;
         while let Some(part) = walk.next_name() {
-            self.add(n, walk.fd(), walk.path(), part, ancestor_mask())?;
+            self.add(n, walk.fd(), walk.path(), part, dir_mask())?;
+            match walk.descend() {
+                Ok(_) => continue,
+                Err(FsError::Missing(_)) => {}
+                Err(e) => return Err(e),
+            }
+            // Missing: watch for its creation, then look once more (it may
+            // have been created meanwhile, without an event).
+            self.amend_last(n, Some((walk.fd(), walk.path())), WAITING)?;
             match walk.descend() {
                 Ok(_) => {}
                 Err(FsError::Missing(_)) => return Ok(()),
@@ -199,9 +246,9 @@ impl Watcher {
         }
         let wide = !self.proc_fds;
         let mask = if wide {
-            wide_leaf_mask()
+            dir_mask() | self::wide()
         } else {
-            ancestor_mask()
+            dir_mask()
         };
         self.add(n, walk.fd(), walk.path(), &file, mask)?;
         self.slots[n].fd = Some(walk.into_fd());
@@ -211,31 +258,50 @@ impl Watcher {
     }
 
     /// Watches the inode slot `n`'s name denotes now, for writes in place
-    /// and mode changes. Called when the name was created or moved, before
-    /// the file is read: a write that ends after the read is an event then.
-    /// Only a hint: what is read is always opened again from the directory.
-    /// When the inode cannot be watched, the directory's watch is widened.
+    /// and mode changes; while the name is missing, its directory is
+    /// watched for creations. Called when the name was created or moved,
+    /// before the file is read: a write that ends after the read is an
+    /// event then. Only a hint: what is read is always opened again from
+    /// the directory. When the inode cannot be watched, the directory's
+    /// watch is widened to every file's writes.
     fn follow(&mut self, n: usize) {
         self.slots[n].moved = false;
-        if self.slots[n].wide {
-            return;
+        if self.slots[n].fd.is_none() {
+            return self.unfollow(n);
         }
-        let Some(dir) = self.slots[n].fd.as_ref() else {
-            return self.unfollow(n);
-        };
-        let name = self.slots[n].file.as_os_str();
-        let regular = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|st| {
-            SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
-        });
-        if !regular {
-            // Missing or not a file: its next appearance is a directory event.
-            return self.unfollow(n);
+        // Twice at most: a name found missing is looked for again once its
+        // creation is watched for.
+        for _ in 0..2 {
+            match self.watch_file(n) {
+                Some(true) => return self.stop_waiting(n),
+                Some(false) if self.is_waiting(n) => return,
+                Some(false) => self.wait_for_file(n),
+                None => self.widen(n),
+            }
+        }
+    }
+
+    /// Whether slot `n`'s file is there (watched on its inode unless the
+    /// slot is wide); `None` when its inode cannot be watched.
+    fn watch_file(&mut self, n: usize) -> Option<bool> {
+        let slot = &self.slots[n];
+        let dir = slot.fd.as_ref()?;
+        if slot.wide {
+            return Some(fstatat(dir, slot.file.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok());
         }
         // The name inside the directory we opened, not following a link
         // there; the path never goes through the directory's own path.
-        let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
-        match self.inotify.watches().add(&path, inode_mask()) {
-            // Raced into a directory another slot watches: not ours to manage.
+        let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(&slot.file);
+        let mut watches = self.inotify.watches();
+        // A new inode (the common case: a rename) in one system call.
+        let added = match watches.add(&path, inode_mask() | WatchMask::MASK_CREATE) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                watches.add(&path, inode_mask() | WatchMask::MASK_ADD)
+            }
+            other => other,
+        };
+        match added {
+            // A directory another slot watches: not a file to follow.
             Ok(wd) if self.wds.contains_key(&wd) => self.unfollow(n),
             Ok(wd) if self.slots[n].inode.as_ref() == Some(&wd) => {}
             Ok(wd) => {
@@ -243,13 +309,57 @@ impl Watcher {
                 self.inodes.entry(wd.clone()).or_default().push(n);
                 self.slots[n].inode = Some(wd);
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.unfollow(n),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                self.unfollow(n);
+                return Some(false);
+            }
             Err(e) => {
                 log::debug!(
                     "{}: cannot watch the file itself ({e}); watching its directory for writes",
                     self.slots[n].dir.display()
                 );
-                self.widen(n);
+                return None;
+            }
+        }
+        Some(true)
+    }
+
+    fn is_waiting(&self, n: usize) -> bool {
+        self.slots[n]
+            .links
+            .last()
+            .is_some_and(|l| l.mask.contains(WAITING))
+    }
+
+    /// Slot `n`'s file is missing: its directory is watched for creations.
+    fn wait_for_file(&mut self, n: usize) {
+        if let Err(e) = self.amend_last(n, None, WAITING) {
+            log::warn!("{e}; the file's creation is noticed at the next resync");
+        }
+    }
+
+    /// Slot `n`'s file is there: its directory stops waking the agent for
+    /// creations, unless another slot still waits on it.
+    fn stop_waiting(&mut self, n: usize) {
+        if !self.is_waiting(n) || self.slots[n].wide {
+            return;
+        }
+        let Some(link) = self.slots[n].links.last_mut() else {
+            return;
+        };
+        link.mask.remove(WAITING);
+        let wd = link.wd.clone();
+        let union = self
+            .slots
+            .iter()
+            .flat_map(|s| &s.links)
+            .filter(|l| l.wd == wd)
+            .fold(WatchMask::empty(), |m, l| m | l.mask);
+        let slot = &self.slots[n];
+        if let Some(dir) = slot.fd.as_ref() {
+            // Without MASK_ADD: the mask is replaced by the union.
+            if let Err(e) = self.watch_dir(dir.as_fd(), &slot.dir, union) {
+                log::debug!("{e}");
             }
         }
     }
@@ -257,17 +367,10 @@ impl Watcher {
     /// The directory's watch reports every file's writes and mode changes.
     fn widen(&mut self, n: usize) {
         self.unfollow(n);
-        let Some(dir) = self.slots[n].fd.as_ref() else {
-            return;
-        };
-        let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        self.slots[n].wide = true;
         // The directory is watched already: this adds no watch, only events.
-        match self.inotify.watches().add(&path, wide_leaf_mask() | WatchMask::MASK_ADD) {
-            Ok(_) => self.slots[n].wide = true,
-            Err(e) => log::warn!(
-                "{}: cannot watch for writes in place ({e}); they are noticed at the next change of the name or resync",
-                self.slots[n].dir.display()
-            ),
+        if let Err(e) = self.amend_last(n, None, wide()) {
+            log::warn!("{e}; writes in place are noticed at the next change of the name or resync");
         }
     }
 
@@ -419,48 +522,74 @@ mod tests {
 
     const NAME: &str = ".credentials.json";
 
-    /// A watcher armed on `TMP/home/.claude/.credentials.json`; without
-    /// `/proc` (`by_inode` false) it falls back to the directory's watch.
-    fn armed(by_inode: bool) -> (tempfile::TempDir, PathBuf, Watcher) {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("home/.claude");
-        fs::create_dir_all(&dir).unwrap();
-        let source = dir.join(NAME);
-        fs::write(&source, "{}").unwrap();
-        fs::write(dir.join("history.jsonl"), "").unwrap();
-        let mut w = Watcher::new(std::slice::from_ref(&source)).unwrap();
-        w.proc_fds = by_inode;
-        w.arm(0).unwrap();
-        assert_eq!(w.slots[0].inode.is_some(), by_inode);
-        drain(&mut w);
-        (tmp, source, w)
+    /// A watcher on `TMP/home/.claude/.credentials.json`.
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        source: PathBuf,
+        w: Watcher,
     }
 
-    /// Reads every queued event; keeps those of the source's directory and
-    /// of the file's inode (events further up, in the shared temp
-    /// directory, are other processes'). Inotify queues an event within the
-    /// system call that causes it, so what is not queued now never will be.
-    fn drain(w: &mut Watcher) -> Vec<EventMask> {
-        let leaf = w.slots[0].links.last().unwrap().wd.clone();
-        let mut buf = [0u8; 4096];
-        let mut out = Vec::new();
-        while let Ok(events) = w.inotify.read_events(&mut buf) {
-            let mut any = false;
-            for e in events {
-                any = true;
-                if e.wd == leaf || w.inodes.contains_key(&e.wd) {
-                    out.push(e.mask);
+    /// Armed with the file there; without `/proc` (`by_inode` false) the
+    /// file's writes come through its directory's watch.
+    fn armed(by_inode: bool) -> Fixture {
+        let f = unarmed(true);
+        fs::write(&f.source, "{}").unwrap();
+        fs::write(f.source.with_file_name("history.jsonl"), "").unwrap();
+        arm(f, by_inode)
+    }
+
+    fn unarmed(with_dir: bool) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("home/.claude").join(NAME);
+        let dir = source.parent().unwrap();
+        fs::create_dir_all(if with_dir { dir } else { dir.parent().unwrap() }).unwrap();
+        let w = Watcher::new(std::slice::from_ref(&source)).unwrap();
+        Fixture { tmp, source, w }
+    }
+
+    fn arm(mut f: Fixture, by_inode: bool) -> Fixture {
+        f.w.proc_fds = by_inode;
+        f.w.arm(0).unwrap();
+        assert_eq!(f.w.slots[0].inode.is_some(), by_inode && f.source.exists());
+        f.drain();
+        f
+    }
+
+    impl Fixture {
+        /// Reads every queued event; keeps those of the watches inside the
+        /// temp directory (those further up, in the shared `/tmp`, are
+        /// other processes'). Inotify queues an event within the system
+        /// call that causes it: what is not queued now never will be.
+        fn drain(&mut self) -> Vec<EventMask> {
+            let first = self.tmp.path().components().count() - 1;
+            let ours: Vec<WatchDescriptor> = self.w.slots[0].links[first..]
+                .iter()
+                .map(|l| l.wd.clone())
+                .collect();
+            let mut buf = [0u8; 4096];
+            let mut out = Vec::new();
+            while let Ok(events) = self.w.inotify.read_events(&mut buf) {
+                let mut any = false;
+                for e in events {
+                    any = true;
+                    if ours.contains(&e.wd) || self.w.inodes.contains_key(&e.wd) {
+                        out.push(e.mask);
+                    }
+                }
+                if !any {
+                    break;
                 }
             }
-            if !any {
-                break;
-            }
+            out
         }
-        out
-    }
 
-    fn changes(w: &mut Watcher) -> Vec<Change> {
-        w.read().unwrap()
+        fn changes(&mut self) -> Vec<Change> {
+            self.w.read().unwrap()
+        }
+
+        fn dir(&self) -> &Path {
+            self.source.parent().unwrap()
+        }
     }
 
     const WRITTEN: Change = Change::File {
@@ -468,81 +597,104 @@ mod tests {
         complete: true,
     };
 
+    const CREATED: Change = Change::File {
+        slot: 0,
+        complete: false,
+    };
+
+    /// A CLI's atomic write of another file: temp file, then rename.
+    fn rewrite(path: &Path) {
+        let tmp = path.with_extension("tmp.1");
+        fs::write(&tmp, "{}").unwrap();
+        fs::rename(&tmp, path).unwrap();
+    }
+
     #[test]
-    fn writes_to_other_files_next_to_the_source_queue_no_event() {
-        let (_tmp, source, mut w) = armed(true);
-        let dir = source.parent().unwrap();
+    fn writes_and_temp_files_next_to_the_source_queue_no_event() {
+        let mut f = armed(true);
+        let history = f.dir().join("history.jsonl");
         for _ in 0..20 {
-            let mut f = fs::OpenOptions::new()
-                .append(true)
-                .open(dir.join("history.jsonl"))
-                .unwrap();
-            f.write_all(b"{\"display\":\"noise\"}\n").unwrap();
+            let mut h = fs::OpenOptions::new().append(true).open(&history).unwrap();
+            h.write_all(b"{\"display\":\"noise\"}\n").unwrap();
         }
-        fs::set_permissions(dir.join("history.jsonl"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(&history, fs::Permissions::from_mode(0o600)).unwrap();
+        // The source's own temp file, before its rename.
+        fs::write(f.source.with_extension("json.tmp.1"), "{}").unwrap();
         assert_eq!(
-            drain(&mut w),
+            f.drain(),
             vec![],
-            "appends and a chmod of history.jsonl"
+            "writes and temp files next to the source"
+        );
+        // `~/.claude.json` rewritten in the parent; a file created further up.
+        let home = f.dir().parent().unwrap().to_path_buf();
+        fs::write(home.join(".claude.json"), "{}").unwrap();
+        fs::write(f.tmp.path().join("other"), "").unwrap();
+        assert_eq!(f.drain(), vec![], "files created in the ancestors");
+        rewrite(&home.join(".claude.json"));
+        assert_eq!(
+            f.changes(),
+            vec![],
+            "a rename of another file in the parent"
         );
     }
 
     #[test]
     fn writes_in_place_and_mode_changes_of_the_source_are_changes() {
         for by_inode in [true, false] {
-            let (_tmp, source, mut w) = armed(by_inode);
-            fs::write(&source, "{\"a\":1}").unwrap();
-            assert!(changes(&mut w).contains(&WRITTEN), "a write in place");
-            fs::set_permissions(&source, fs::Permissions::from_mode(0o644)).unwrap();
-            assert!(changes(&mut w).contains(&WRITTEN), "a chmod");
+            let mut f = armed(by_inode);
+            fs::write(&f.source, "{\"a\":1}").unwrap();
+            assert!(f.changes().contains(&WRITTEN), "a write in place");
+            fs::set_permissions(&f.source, fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(f.changes().contains(&WRITTEN), "a chmod");
         }
     }
 
     #[test]
     fn a_replaced_source_is_followed_to_its_new_inode() {
         for by_inode in [true, false] {
-            replaced_source_is_followed(by_inode);
+            let mut f = armed(by_inode);
+            let mut old = fs::OpenOptions::new().write(true).open(&f.source).unwrap();
+            rewrite(&f.source);
+            assert!(f.changes().contains(&WRITTEN), "the rename");
+            // The replaced inode, still open, is no longer the source.
+            old.write_all(b"stale").unwrap();
+            drop(old);
+            assert_eq!(f.drain(), vec![], "a write to the replaced file");
+            fs::write(&f.source, "{\"c\":3}").unwrap();
+            assert!(
+                f.changes().contains(&WRITTEN),
+                "a write in place to the new file"
+            );
         }
-    }
-
-    fn replaced_source_is_followed(by_inode: bool) {
-        let (_tmp, source, mut w) = armed(by_inode);
-        let mut old = fs::OpenOptions::new().write(true).open(&source).unwrap();
-        let tmp = source.with_extension("tmp");
-        fs::write(&tmp, "{\"b\":2}").unwrap();
-        fs::rename(&tmp, &source).unwrap();
-        assert!(changes(&mut w).contains(&WRITTEN), "the rename");
-        // The replaced inode, still open, is no longer the source.
-        old.write_all(b"stale").unwrap();
-        drop(old);
-        assert_eq!(drain(&mut w), vec![], "a write to the replaced file");
-        fs::write(&source, "{\"c\":3}").unwrap();
-        assert!(
-            changes(&mut w).contains(&WRITTEN),
-            "a write in place to the new file"
-        );
     }
 
     #[test]
-    fn a_created_source_is_followed_before_its_write_ends() {
+    fn a_deleted_source_is_waited_for_and_followed_when_created() {
         for by_inode in [true, false] {
-            created_source_is_followed(by_inode);
+            let mut f = armed(by_inode);
+            fs::remove_file(&f.source).unwrap();
+            assert!(f.changes().contains(&WRITTEN), "the deletion");
+            assert!(f.w.slots[0].inode.is_none());
+            let mut file = fs::File::create(&f.source).unwrap();
+            assert_eq!(f.changes(), vec![CREATED]);
+            file.write_all(b"{\"d\":4}").unwrap();
+            drop(file);
+            assert_eq!(f.changes(), vec![WRITTEN], "the end of the write");
+            if by_inode {
+                // There again: creations next to it are not watched for.
+                fs::write(f.source.with_extension("json.tmp.2"), "{}").unwrap();
+                assert_eq!(f.drain(), vec![], "a temp file once the source is back");
+            }
         }
     }
 
-    fn created_source_is_followed(by_inode: bool) {
-        let (_tmp, source, mut w) = armed(by_inode);
-        fs::remove_file(&source).unwrap();
-        assert!(changes(&mut w).contains(&WRITTEN), "the deletion");
-        assert!(w.slots[0].inode.is_none());
-        let mut f = fs::File::create(&source).unwrap();
-        let created = Change::File {
-            slot: 0,
-            complete: false,
-        };
-        assert_eq!(changes(&mut w), vec![created]);
-        f.write_all(b"{\"d\":4}").unwrap();
-        drop(f);
-        assert_eq!(changes(&mut w), vec![WRITTEN], "the end of the write");
+    #[test]
+    fn a_missing_directory_is_waited_for() {
+        let mut f = arm(unarmed(false), true);
+        fs::create_dir(f.dir()).unwrap();
+        assert_eq!(f.changes(), vec![Change::Rearm(0)]);
+        f.w.arm(0).unwrap();
+        fs::write(&f.source, "{}").unwrap();
+        assert!(f.changes().contains(&CREATED), "{:?}", f.w.describe(0));
     }
 }
