@@ -6,7 +6,7 @@ use crate::clock;
 use crate::config::{self, Settings};
 use crate::metrics;
 use crate::notify::{self, Notifier};
-use crate::reconcile::{reconcile, Inputs};
+use crate::reconcile::{self, Inputs};
 use crate::schedule::{Need, Plan, Scheduler};
 use crate::state::{self, now_ms, State};
 use crate::systemd::{ServiceManager, Worker};
@@ -114,6 +114,8 @@ pub struct Agent {
     roles: Vec<(usize, Option<usize>)>,
     /// One per watch, in the order of `settings.watches`.
     trackers: Vec<Tracker>,
+    /// Each watch's source as last read and acted on.
+    seen: Vec<Option<reconcile::Seen>>,
     sched: Scheduler,
     worker: Worker,
     /// Held for the agent's life: one agent per state directory.
@@ -165,6 +167,7 @@ impl Agent {
         Ok(Agent {
             config_path,
             trackers: trackers(&settings, &state),
+            seen: vec![None; settings.watches.len()],
             roles: slot_roles(&settings),
             sched: Scheduler::new(settings.agent.settle),
             settings,
@@ -335,7 +338,9 @@ impl Agent {
             dry_run: false,
             rescue_dir: &self.settings.agent.state_dir,
         };
-        let result = reconcile(w, self.watcher.dir_fd(n), &ctx);
+        let mut seen = None;
+        let result = reconcile::reconcile_seen(w, self.watcher.dir_fd(n), &ctx, &mut seen);
+        self.seen[n] = seen;
         let effects = self.trackers[n].on_read(w, rec, result, complete, now);
         // Write the state only when this watch's record changed (or a
         // restart became owed): an event that finds everything in sync,
@@ -619,6 +624,7 @@ impl Agent {
                 crate::logging::set_level(new.agent.log_level.filter());
                 self.sched.set_settle(new.agent.settle);
                 self.trackers = trackers(&new, &self.state);
+                self.seen = vec![None; new.watches.len()];
                 self.roles = slot_roles(&new);
                 self.watcher = watcher;
                 if let Some(lock) = lock {
@@ -849,12 +855,35 @@ impl Agent {
         for slot in (0..rearm.len()).filter(|&s| rearm[s]) {
             self.arm(slot)?;
         }
-        for (n, complete) in touched.into_iter().enumerate() {
-            if let Some(complete) = complete {
+        for (n, complete) in touched.iter().enumerate() {
+            if let Some(complete) = *complete {
                 self.process(n, complete);
             }
         }
+        // A replaced file is watched on its new inode only now, after the
+        // fix (off the path from the event to it); what changed since it
+        // was read had no event, so it is read once more.
+        for slot in self.watcher.follow_moved() {
+            let (n, copy) = self.roles[slot];
+            let unchanged = match copy {
+                Some(c) => self.copy_is_ours(slot, n, c),
+                None => self.unchanged_since_read(n),
+            };
+            if !unchanged {
+                self.process(n, touched[n].unwrap_or(true));
+            }
+        }
         Ok(true)
+    }
+
+    /// Watch `n`'s source is still as its last read and the actions left it.
+    fn unchanged_since_read(&self, n: usize) -> bool {
+        let (Some(seen), Some(dir)) = (self.seen[n], self.watcher.dir_fd(n)) else {
+            return false;
+        };
+        let (_, name) = self.settings.watches[n].source_dir_and_name();
+        nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| seen.matches(&st))
     }
 
     /// Copy `c` of watch `n` (watcher slot `slot`) holds what the agent

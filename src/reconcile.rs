@@ -132,12 +132,54 @@ pub struct Inputs<'a> {
     pub rescue_dir: &'a Path,
 }
 
+/// The source as it was read and as the actions left it: a later stat
+/// that differs means the file changed since (written in place, its mode
+/// or owner changed, replaced). Modification times tick at the kernel's
+/// timestamp granularity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    mode: u32,
+    owner: (u32, u32),
+}
+
+impl Seen {
+    fn of(st: &nix::sys::stat::FileStat) -> Seen {
+        Seen {
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            mode: st.st_mode,
+            owner: (st.st_uid, st.st_gid),
+        }
+    }
+
+    /// Whether `st` is still the file as seen.
+    pub fn matches(&self, st: &nix::sys::stat::FileStat) -> bool {
+        *self == Seen::of(st)
+    }
+}
+
 /// Reconciles watch `w` whose directory is `dir`.
 pub fn reconcile(
     w: &WatchSettings,
     dir: Option<BorrowedFd>,
     ctx: &Inputs,
 ) -> Result<Reconciled, FsError> {
+    reconcile_seen(w, dir, ctx, &mut None)
+}
+
+/// [`reconcile`], also recording in `seen` the file as it was read and as
+/// the actions left it (`None` when nothing was read).
+pub fn reconcile_seen(
+    w: &WatchSettings,
+    dir: Option<BorrowedFd>,
+    ctx: &Inputs,
+    seen: &mut Option<Seen>,
+) -> Result<Reconciled, FsError> {
+    *seen = None;
     let (last, dry_run) = (ctx.last, ctx.dry_run);
     let (dir_path, name) = w.source_dir_and_name();
     // With `traverse`, the source is read through a fresh walk whose
@@ -159,6 +201,7 @@ pub fn reconcile(
         ReadOutcome::Refused(why) => return Ok(Reconciled::Unsafe(why)),
         ReadOutcome::Ok(file) => file,
     };
+    *seen = Some(Seen::of(&file.stat));
     let now = crate::state::now_ms();
     let v = match validate::validate(w.format, &file.bytes.0, now, last, w.policy()) {
         Ok(v) => v,
@@ -178,22 +221,31 @@ pub fn reconcile(
         errors: Vec::new(),
         written: BTreeMap::new(),
     };
-    apply_permissions(w, &file, chain.as_ref(), dry_run, &mut out);
+    if let Some(mode) = apply_permissions(w, &file, chain.as_ref(), dry_run, &mut out) {
+        if let Some(seen) = seen {
+            seen.mode = (seen.mode & !0o7777) | mode;
+        }
+    }
     apply_copies(w, &file, &v, ctx, &mut out);
     Ok(Reconciled::Applied(out))
 }
 
+/// Returns the mode the file was given, if it was changed.
 fn apply_permissions(
     w: &WatchSettings,
     file: &SourceFile,
     chain: Option<&DirChain>,
     dry_run: bool,
     out: &mut Valid,
-) {
-    let Some(p) = &w.permissions else { return };
+) -> Option<u32> {
+    let p = w.permissions.as_ref()?;
     // The mode first: it is what readers are waiting for.
+    let mut given = None;
     match apply::fix_mode(file, &w.source, p, dry_run) {
-        Ok(change) => out.changes.extend(change),
+        Ok(change) => {
+            given = change.is_some().then_some(p.file_mode);
+            out.changes.extend(change)
+        }
         Err(e) => out.errors.push(e),
     }
     if let Some(chain) = chain {
@@ -204,6 +256,7 @@ fn apply_permissions(
             Err(e) => out.errors.push(e),
         }
     }
+    given
 }
 
 fn apply_copies(

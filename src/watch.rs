@@ -259,26 +259,42 @@ impl Watcher {
 
     /// Watches the inode slot `n`'s name denotes now, for writes in place
     /// and mode changes; while the name is missing, its directory is
-    /// watched for creations. Called when the name was created or moved,
-    /// before the file is read: a write that ends after the read is an
-    /// event then. Only a hint: what is read is always opened again from
-    /// the directory. When the inode cannot be watched, the directory's
-    /// watch is widened to every file's writes.
-    fn follow(&mut self, n: usize) {
+    /// watched for creations. Only a hint: what is read is always opened
+    /// again from the directory. When the inode cannot be watched, the
+    /// directory's watch is widened to every file's writes. Returns whether
+    /// a file is there, watched on its inode: a write to it that ended
+    /// before this call had no event.
+    fn follow(&mut self, n: usize) -> bool {
         self.slots[n].moved = false;
         if self.slots[n].fd.is_none() {
-            return self.unfollow(n);
+            self.unfollow(n);
+            return false;
         }
         // Twice at most: a name found missing is looked for again once its
         // creation is watched for.
         for _ in 0..2 {
             match self.watch_file(n) {
-                Some(true) => return self.stop_waiting(n),
-                Some(false) if self.is_waiting(n) => return,
+                Some(true) => {
+                    self.stop_waiting(n);
+                    return !self.slots[n].wide;
+                }
+                Some(false) if self.is_waiting(n) => return false,
                 Some(false) => self.wait_for_file(n),
                 None => self.widen(n),
             }
         }
+        false
+    }
+
+    /// Follows every name that was created or moved since the last call
+    /// ([`follow`](Self::follow)). The agent calls this after it has acted
+    /// on the batch, so that watching the new inode is not on the path
+    /// from an event to its fix; it returns the slots whose file must be
+    /// read once more, since a write between that read and now had no event.
+    pub fn follow_moved(&mut self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&n| self.slots[n].moved && self.follow(n))
+            .collect()
     }
 
     /// Whether slot `n`'s file is there (watched on its inode unless the
@@ -452,13 +468,6 @@ impl Watcher {
                 changes.extend(change);
             }
         }
-        // Before anything is read: a name that now denotes another inode
-        // is followed there.
-        for n in 0..self.slots.len() {
-            if self.slots[n].moved {
-                self.follow(n);
-            }
-        }
         Ok(changes)
     }
 
@@ -583,8 +592,12 @@ mod tests {
             out
         }
 
+        /// What the agent gets from a batch: the changes, and then the
+        /// names followed to their new inode.
         fn changes(&mut self) -> Vec<Change> {
-            self.w.read().unwrap()
+            let changes = self.w.read().unwrap();
+            self.w.follow_moved();
+            changes
         }
 
         fn dir(&self) -> &Path {
@@ -666,6 +679,20 @@ mod tests {
                 "a write in place to the new file"
             );
         }
+    }
+
+    #[test]
+    fn a_write_between_the_read_and_the_follow_is_read_again() {
+        let mut f = armed(true);
+        rewrite(&f.source);
+        assert!(f.w.read().unwrap().contains(&WRITTEN), "the rename");
+        // The agent reads and fixes the new file here; then it is written
+        // in place before its inode is watched: no event for that write.
+        fs::write(&f.source, "{\"e\":5}").unwrap();
+        assert_eq!(f.w.follow_moved(), vec![0], "read once more");
+        assert_eq!(f.w.follow_moved(), Vec::<usize>::new(), "once");
+        fs::write(&f.source, "{\"f\":6}").unwrap();
+        assert_eq!(f.changes(), vec![WRITTEN], "watched from then on");
     }
 
     #[test]
