@@ -17,6 +17,7 @@ use log::{debug, error, info, warn};
 use nix::poll::PollTimeout;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -329,18 +330,22 @@ impl Agent {
     fn process(&mut self, n: usize, complete: bool) {
         let now = Now::current();
         let w = &self.settings.watches[n];
-        let rec = self.state.watches.entry(w.name.clone()).or_default();
-        let before = rec.clone();
-        let last = rec.applied();
+        // Only what the read needs comes before it: the fix is the first
+        // thing the agent does for an event.
+        let known = self.state.watches.get(&w.name);
+        let last = known.and_then(|rec| rec.applied());
+        let none = BTreeMap::new();
         let ctx = Inputs {
             last: last.as_ref(),
-            last_written: &rec.copies,
+            last_written: known.map_or(&none, |rec| &rec.copies),
             dry_run: false,
             rescue_dir: &self.settings.agent.state_dir,
         };
         let mut seen = None;
         let result = reconcile::reconcile_seen(w, self.watcher.dir_fd(n), &ctx, &mut seen);
         self.seen[n] = seen;
+        let rec = self.state.watches.entry(w.name.clone()).or_default();
+        let before = rec.clone();
         let effects = self.trackers[n].on_read(w, rec, result, complete, now);
         // Write the state only when this watch's record changed (or a
         // restart became owed): an event that finds everything in sync,

@@ -305,7 +305,7 @@ fn report_valid(r: &mut Report, check: String, w: &WatchSettings, v: &Validated)
     let mut msg = format!(
         "{} valid, fingerprint {}",
         w.source.display(),
-        v.fingerprint.short()
+        v.fingerprint().short()
     );
     let mut level = Level::Ok;
     let mut fix = None;
@@ -407,7 +407,7 @@ fn check_copies(r: &mut Report, w: &WatchSettings, valid: Option<&(Secret, Valid
                 r.add(
                     check,
                     Level::Fail,
-                    format!("differs from the validated source (fingerprint {})", v.fingerprint.short()),
+                    format!("differs from the validated source (fingerprint {})", v.fingerprint().short()),
                     Some("run `cred-watch sync`; if a consumer writes here, stop it: its refresh rotates the single-use refresh token"),
                 );
                 continue;

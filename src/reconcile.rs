@@ -207,25 +207,28 @@ pub fn reconcile_seen(
         Ok(v) => v,
         Err(r) => return Ok(Reconciled::Invalid(r)),
     };
+    // The mode first: it is what readers are waiting for; identity (a
+    // canonical form and a hash) after it.
+    let (mut changes, mut errors) = (Vec::new(), Vec::new());
+    let given = apply_permissions(w, &file, chain.as_ref(), dry_run, &mut changes, &mut errors);
+    if let (Some(mode), Some(seen)) = (given, seen.as_mut()) {
+        seen.mode = (seen.mode & !0o7777) | mode;
+    }
+    let fingerprint = v.fingerprint();
     let mut out = Valid {
-        fingerprint: v.fingerprint,
+        fingerprint,
         expires_at: v.expires_at,
-        content_changed: last.is_none_or(|l| l.fingerprint != v.fingerprint),
+        content_changed: last.is_none_or(|l| l.fingerprint != fingerprint),
         written_ms: file
             .stat
             .st_ctime
             .saturating_mul(1000)
             .saturating_add(file.stat.st_ctime_nsec / 1_000_000),
-        changes: Vec::new(),
+        changes,
         notices: v.warnings.iter().map(|s| Notice::Format(s)).collect(),
-        errors: Vec::new(),
+        errors,
         written: BTreeMap::new(),
     };
-    if let Some(mode) = apply_permissions(w, &file, chain.as_ref(), dry_run, &mut out) {
-        if let Some(seen) = seen {
-            seen.mode = (seen.mode & !0o7777) | mode;
-        }
-    }
     apply_copies(w, &file, &v, ctx, &mut out);
     Ok(Reconciled::Applied(out))
 }
@@ -236,24 +239,22 @@ fn apply_permissions(
     file: &SourceFile,
     chain: Option<&DirChain>,
     dry_run: bool,
-    out: &mut Valid,
+    changes: &mut Vec<String>,
+    errors: &mut Vec<FsError>,
 ) -> Option<u32> {
     let p = w.permissions.as_ref()?;
-    // The mode first: it is what readers are waiting for.
     let mut given = None;
     match apply::fix_mode(file, &w.source, p, dry_run) {
         Ok(change) => {
             given = change.is_some().then_some(p.file_mode);
-            out.changes.extend(change)
+            changes.extend(change)
         }
-        Err(e) => out.errors.push(e),
+        Err(e) => errors.push(e),
     }
     if let Some(chain) = chain {
         match apply::add_traverse(chain, dry_run) {
-            Ok(changed) => out
-                .changes
-                .extend(changed.into_iter().map(|c| format!("search bits {c}"))),
-            Err(e) => out.errors.push(e),
+            Ok(changed) => changes.extend(changed.into_iter().map(|c| format!("search bits {c}"))),
+            Err(e) => errors.push(e),
         }
     }
     given
@@ -323,7 +324,8 @@ fn rescue_newer(
     let Ok(theirs) = validate::validate(w.format, current, now, None, w.policy()) else {
         return Ok(None);
     };
-    let newer = theirs.expires_at > source.expires_at && theirs.fingerprint != source.fingerprint;
+    let newer =
+        theirs.expires_at > source.expires_at && theirs.fingerprint() != source.fingerprint();
     if !newer || !theirs.has_refresh_token() {
         return Ok(None);
     }

@@ -194,7 +194,11 @@ pub struct Applied {
 /// A validated credentials file. `Debug` leaves the parsed object out.
 #[derive(Clone)]
 pub struct Validated {
-    pub fingerprint: Fingerprint,
+    /// Computed when first asked for: the agent fixes the mode before it
+    /// spends a canonical form and a hash on identity.
+    fingerprint: std::cell::OnceCell<Fingerprint>,
+    /// Identity is `claudeAiOauth` alone (an MCP-only rewrite keeps it).
+    credential_only: bool,
     pub expires_at: Option<i64>,
     /// The parsed object (JSON formats), for `drop_keys`.
     pub object: Option<Map<String, Value>>,
@@ -202,6 +206,29 @@ pub struct Validated {
 }
 
 impl Validated {
+    fn new(object: Option<Map<String, Value>>, credential_only: bool) -> Validated {
+        Validated {
+            fingerprint: std::cell::OnceCell::new(),
+            credential_only,
+            expires_at: None,
+            object,
+            warnings: vec![],
+        }
+    }
+
+    /// The identity of the credential: of `claudeAiOauth` for that format,
+    /// of the canonical object for JSON, of the bytes for any other file.
+    pub fn fingerprint(&self) -> Fingerprint {
+        *self.fingerprint.get_or_init(|| {
+            let object = self.object.as_ref();
+            let part = match object.and_then(|o| o.get("claudeAiOauth")) {
+                Some(Value::Object(oauth)) if self.credential_only => Some(oauth),
+                _ => object,
+            };
+            Fingerprint::of(&part.map(canonical_object).unwrap_or_default())
+        })
+    }
+
     /// `claudeAiOauth.refreshToken` is there and not empty.
     pub fn has_refresh_token(&self) -> bool {
         self.object
@@ -216,7 +243,7 @@ impl Validated {
 impl fmt::Debug for Validated {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Validated")
-            .field("fingerprint", &self.fingerprint)
+            .field("fingerprint", &self.fingerprint.get())
             .field("expires_at", &self.expires_at)
             .field("warnings", &self.warnings)
             .finish_non_exhaustive()
@@ -253,22 +280,12 @@ pub fn validate(
     policy: Policy,
 ) -> Result<Validated, Refusal> {
     match format {
-        Format::Any => Ok(Validated {
-            fingerprint: Fingerprint::of(bytes),
-            expires_at: None,
-            object: None,
-            warnings: vec![],
-        }),
-        Format::Json => {
-            let object = parse_object(bytes)?;
-            let fingerprint = Fingerprint::of(&canonical_object(&object));
-            Ok(Validated {
-                fingerprint,
-                expires_at: None,
-                object: Some(object),
-                warnings: vec![],
-            })
+        Format::Any => {
+            let v = Validated::new(None, false);
+            v.fingerprint.get_or_init(|| Fingerprint::of(bytes));
+            Ok(v)
         }
+        Format::Json => Ok(Validated::new(Some(parse_object(bytes)?), false)),
         Format::ClaudeOauth => claude_oauth(parse_object(bytes)?, now_ms, last, policy),
     }
 }
@@ -303,17 +320,13 @@ fn claude_oauth(
         _ => warnings.push("`subscriptionType` is missing"),
     }
     check_expiry(expires_at, now_ms, policy)?;
-    // Only the credential decides identity: an MCP-only rewrite keeps it.
-    let fingerprint = Fingerprint::of(&canonical_object(oauth));
-    if let Some(warning) = check_rollback(expires_at, fingerprint, last, now_ms, policy)? {
-        warnings.push(warning);
+    let mut v = Validated::new(Some(object), true);
+    v.expires_at = Some(expires_at);
+    v.warnings = warnings;
+    if let Some(warning) = check_rollback(&v, expires_at, last, now_ms, policy)? {
+        v.warnings.push(warning);
     }
-    Ok(Validated {
-        fingerprint,
-        expires_at: Some(expires_at),
-        object: Some(object),
-        warnings,
-    })
+    Ok(v)
 }
 
 fn expires_at(oauth: &Map<String, Value>) -> Result<i64, Refusal> {
@@ -346,20 +359,19 @@ fn check_expiry(expires_at: i64, now_ms: i64, policy: Policy) -> Result<(), Refu
 /// `expiresAt` that would be refused today (beyond `max_lifetime`, or not a
 /// date: written by an older version) is no baseline: it would wedge every
 /// later refresh. Then the file is accepted with a warning.
+/// An older `expiresAt` than the one last applied, with a different
+/// credential (the fingerprint is only computed for an older one).
 fn check_rollback(
+    v: &Validated,
     expires_at: i64,
-    fingerprint: Fingerprint,
     last: Option<&Applied>,
     now_ms: i64,
     policy: Policy,
 ) -> Result<Option<&'static str>, Refusal> {
-    let Some(last_exp) = last
-        .filter(|l| l.fingerprint != fingerprint)
-        .and_then(|l| l.expires_at)
-    else {
+    let Some((last_fp, last_exp)) = last.and_then(|l| Some((l.fingerprint, l.expires_at?))) else {
         return Ok(None);
     };
-    if policy.allow_rollback || expires_at >= last_exp {
+    if policy.allow_rollback || expires_at >= last_exp || v.fingerprint() == last_fp {
         return Ok(None);
     }
     if date_of(last_exp).is_none() || last_exp > policy.latest_expiry(now_ms) {
@@ -712,8 +724,8 @@ mod tests {
         let a = check(&good(NOW + 1000)).unwrap();
         assert!(a.warnings.is_empty());
         let b = check(&good(NOW + 1000).replace(r#"{"x":1}"#, r#"{"x":2}"#)).unwrap();
-        assert_eq!(a.fingerprint, b.fingerprint);
-        assert_ne!(a.fingerprint, check(&good(NOW + 2000)).unwrap().fingerprint);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), check(&good(NOW + 2000)).unwrap().fingerprint());
     }
 
     #[test]
@@ -754,7 +766,7 @@ mod tests {
     fn rollback_is_refused_unless_allowed() {
         let newer = check(&good(NOW + 5000)).unwrap();
         let last = Applied {
-            fingerprint: newer.fingerprint,
+            fingerprint: newer.fingerprint(),
             expires_at: newer.expires_at,
         };
         let older = creds("sk-ant-oat01-OLD", "sk-ant-ort01-OLD", NOW + 1000);
