@@ -886,9 +886,11 @@ impl Agent {
         let (Some(seen), Some(dir)) = (self.seen[n], self.watcher.dir_fd(n)) else {
             return false;
         };
-        let (_, name) = self.settings.watches[n].source_dir_and_name();
-        nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-            .is_ok_and(|st| seen.matches(&st))
+        let (dir_path, name) = self.settings.watches[n].source_dir_and_name();
+        matches!(
+            crate::fsutil::read_entry(dir, dir_path, name, crate::source::MAX_SIZE),
+            Ok(Some((st, bytes))) if seen.matches(&st, &bytes)
+        )
     }
 
     /// Copy `c` of watch `n` (watcher slot `slot`) holds what the agent

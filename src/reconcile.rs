@@ -132,10 +132,9 @@ pub struct Inputs<'a> {
     pub rescue_dir: &'a Path,
 }
 
-/// The source as it was read and as the actions left it: a later stat
-/// that differs means the file changed since (written in place, its mode
-/// or owner changed, replaced). Modification times tick at the kernel's
-/// timestamp granularity.
+/// The source as it was read and as the actions left it: a file that
+/// differs later (its bytes, inode, size, mtime, mode or owner) changed
+/// since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     ino: u64,
@@ -143,22 +142,24 @@ pub struct Seen {
     mtime: (i64, i64),
     mode: u32,
     owner: (u32, u32),
+    content: Fingerprint,
 }
 
 impl Seen {
-    fn of(st: &nix::sys::stat::FileStat) -> Seen {
+    fn of(st: &nix::sys::stat::FileStat, bytes: &[u8]) -> Seen {
         Seen {
             ino: st.st_ino,
             size: st.st_size,
             mtime: (st.st_mtime, st.st_mtime_nsec),
             mode: st.st_mode,
             owner: (st.st_uid, st.st_gid),
+            content: Fingerprint::of(bytes),
         }
     }
 
-    /// Whether `st` is still the file as seen.
-    pub fn matches(&self, st: &nix::sys::stat::FileStat) -> bool {
-        *self == Seen::of(st)
+    /// Whether a file read now as `st` and `bytes` is the one seen.
+    pub fn matches(&self, st: &nix::sys::stat::FileStat, bytes: &[u8]) -> bool {
+        *self == Seen::of(st, bytes)
     }
 }
 
@@ -201,19 +202,23 @@ pub fn reconcile_seen(
         ReadOutcome::Refused(why) => return Ok(Reconciled::Unsafe(why)),
         ReadOutcome::Ok(file) => file,
     };
-    *seen = Some(Seen::of(&file.stat));
     let now = crate::state::now_ms();
     let v = match validate::validate(w.format, &file.bytes.0, now, last, w.policy()) {
         Ok(v) => v,
-        Err(r) => return Ok(Reconciled::Invalid(r)),
+        Err(r) => {
+            *seen = Some(Seen::of(&file.stat, &file.bytes.0));
+            return Ok(Reconciled::Invalid(r));
+        }
     };
     // The mode first: it is what readers are waiting for; identity (a
     // canonical form and a hash) after it.
     let (mut changes, mut errors) = (Vec::new(), Vec::new());
     let given = apply_permissions(w, &file, chain.as_ref(), dry_run, &mut changes, &mut errors);
-    if let (Some(mode), Some(seen)) = (given, seen.as_mut()) {
-        seen.mode = (seen.mode & !0o7777) | mode;
+    let mut left = Seen::of(&file.stat, &file.bytes.0);
+    if let Some(mode) = given {
+        left.mode = (left.mode & !0o7777) | mode;
     }
+    *seen = Some(left);
     let fingerprint = v.fingerprint();
     let mut out = Valid {
         fingerprint,

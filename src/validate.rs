@@ -725,7 +725,10 @@ mod tests {
         assert!(a.warnings.is_empty());
         let b = check(&good(NOW + 1000).replace(r#"{"x":1}"#, r#"{"x":2}"#)).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
-        assert_ne!(a.fingerprint(), check(&good(NOW + 2000)).unwrap().fingerprint());
+        assert_ne!(
+            a.fingerprint(),
+            check(&good(NOW + 2000)).unwrap().fingerprint()
+        );
     }
 
     #[test]

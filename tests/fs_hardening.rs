@@ -480,3 +480,59 @@ fn trace_logging_never_shows_a_token() {
     assert!(log.matches("refused").count() >= bad.len(), "{log}");
     env.assert_state_clean();
 }
+
+/// A file renamed into place and written in place a moment later, with
+/// the same size: the agent watches the new inode only after it has acted
+/// on the rename, so a write in between has no event of its own. It must
+/// still end up with the written content every time, at whatever moment
+/// the write lands (a delay that sweeps 0 to 400 µs).
+#[test]
+fn a_write_in_place_right_after_a_rename_is_never_missed() {
+    let env = Env::new();
+    let src = source_path(&env);
+    write_atomic(&src, &creds(1));
+    let agent = Agent::start(
+        &env,
+        &env.config(&standard_config(
+            "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
+        )),
+    );
+    let dest = env.path("shared/.credentials.json");
+    let holds = |seq: u64| {
+        fs::read_to_string(&dest).is_ok_and(|c| c.contains(&format!("test-access-{seq:06}")))
+    };
+    assert!(wait_until(Duration::from_secs(5), || holds(1)));
+    let started = Instant::now();
+    let mut missed = Vec::new();
+    for i in 0..120u64 {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        let (renamed, written) = (1000 + 2 * i, 1001 + 2 * i);
+        let (a, b) = (creds(renamed), creds(written));
+        assert_eq!(
+            a.len(),
+            b.len(),
+            "the same size: only content tells them apart"
+        );
+        write_atomic(&src, &a);
+        let delay = Duration::from_micros(i * 37 % 400);
+        let t = Instant::now();
+        while t.elapsed() < delay {
+            std::hint::spin_loop();
+        }
+        fs::write(&src, &b).unwrap();
+        if !wait_until(Duration::from_secs(3), || holds(written)) {
+            missed.push(i);
+            if missed.len() == 3 {
+                break;
+            }
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "the copy kept the renamed file, not the one written in place, in rounds {missed:?}\n{}",
+        tail(&agent.stderr(), 40)
+    );
+    agent.stop();
+}
