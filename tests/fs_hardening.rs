@@ -489,13 +489,9 @@ fn trace_logging_never_shows_a_token() {
 #[test]
 fn a_write_in_place_right_after_a_rename_is_never_missed() {
     let env = Env::new();
-    let src = source_path(&env);
-    write_atomic(&src, &creds(1));
-    let agent = Agent::start(
+    let (src, agent) = agent_on_creds(
         &env,
-        &env.config(&standard_config(
-            "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
-        )),
+        "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
     );
     let dest = env.path("shared/.credentials.json");
     let holds = |seq: u64| {

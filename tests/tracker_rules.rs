@@ -62,13 +62,9 @@ fn a_token_inside_the_warning_window_at_start_is_warned_at_once() {
 #[test]
 fn restart_log_lines_say_when_the_restart_really_happens() {
     let env = Env::new();
-    let src = source_path(&env);
-    write_atomic(&src, &creds(1));
-    let agent = Agent::start(
+    let (src, agent) = agent_on_creds(
         &env,
-        &env.config(&standard_config(
-            "[watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"30s\"\n",
-        )),
+        "[watch.restart]\nunits = [\"bridge.service\"]\nmin_interval = \"30s\"\n",
     );
     write_atomic(&src, &creds(2));
     assert!(

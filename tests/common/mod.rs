@@ -307,6 +307,15 @@ pub fn source_path(env: &Env) -> PathBuf {
 /// `[watch.permissions]` that makes the source 0644.
 pub const PERMS_0644: &str = "[watch.permissions]\nfile_mode = \"0644\"\n";
 
+/// The usual start of a test: the source holding `creds(1)` and the agent
+/// running on [`standard_config`] with `extra_watch`.
+pub fn agent_on_creds(env: &Env, extra_watch: &str) -> (PathBuf, Agent) {
+    let src = source_path(env);
+    write_atomic(&src, &creds(1));
+    let agent = Agent::start(env, &env.config(&standard_config(extra_watch)));
+    (src, agent)
+}
+
 /// A standard single-watch setup below the temp root.
 pub fn standard_config(extra_watch: &str) -> String {
     format!(
