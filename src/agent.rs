@@ -305,6 +305,7 @@ impl Agent {
         for n in 0..self.trackers.len() {
             self.process(n, true);
         }
+        self.follow_moved(&[]);
         self.state.agent.last_reconcile_ms = Some(now_ms());
         let problems: Vec<String> = self
             .settings
@@ -865,9 +866,15 @@ impl Agent {
                 self.process(n, complete);
             }
         }
-        // A replaced file is watched on its new inode only now, after the
-        // fix (off the path from the event to it); what changed since it
-        // was read had no event, so it is read once more.
+        self.follow_moved(&touched);
+        Ok(true)
+    }
+
+    /// A replaced (or newly armed) file is watched on its new inode only
+    /// now, after the fix (off the path from the event to it); what changed
+    /// since it was read had no event, so it is read once more. `touched`
+    /// says which watches were read for an incomplete write.
+    fn follow_moved(&mut self, touched: &[Option<bool>]) {
         for slot in self.watcher.follow_moved() {
             let (n, copy) = self.roles[slot];
             let unchanged = match copy {
@@ -875,10 +882,9 @@ impl Agent {
                 None => self.unchanged_since_read(n),
             };
             if !unchanged {
-                self.process(n, touched[n].unwrap_or(true));
+                self.process(n, touched.get(n).copied().flatten().unwrap_or(true));
             }
         }
-        Ok(true)
     }
 
     /// Watch `n`'s source is still as its last read and the actions left it.

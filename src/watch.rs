@@ -36,6 +36,13 @@ fn dir_mask() -> WatchMask {
 /// Added to a directory's watch while the component it leads to is missing.
 const WAITING: WatchMask = WatchMask::CREATE;
 
+/// Added to the source's directory while the file is missing: its
+/// creation, and the end of a write that may come before its inode is
+/// watched.
+fn waiting_for_file() -> WatchMask {
+    WAITING | WatchMask::CLOSE_WRITE
+}
+
 /// What the file's inode is watched for: writes in place and mode changes.
 fn inode_mask() -> WatchMask {
     WatchMask::CLOSE_WRITE | WatchMask::ATTRIB | WatchMask::DONT_FOLLOW
@@ -253,7 +260,9 @@ impl Watcher {
         self.add(n, walk.fd(), walk.path(), &file, mask)?;
         self.slots[n].fd = Some(walk.into_fd());
         self.slots[n].wide = wide;
-        self.follow(n);
+        // The file is followed with the others' ([`follow_moved`]): every
+        // slot's directories come first when watches are scarce.
+        self.slots[n].moved = true;
         Ok(())
     }
 
@@ -308,6 +317,9 @@ impl Watcher {
         // The name inside the directory we opened, not following a link
         // there; the path never goes through the directory's own path.
         let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(&slot.file);
+        // The old inode's watch goes first: at the watch limit, the new one
+        // takes its place.
+        self.unfollow(n);
         let mut watches = self.inotify.watches();
         // A new inode (the common case: a rename) in one system call.
         let added = match watches.add(&path, inode_mask() | WatchMask::MASK_CREATE) {
@@ -318,17 +330,12 @@ impl Watcher {
         };
         match added {
             // A directory another slot watches: not a file to follow.
-            Ok(wd) if self.wds.contains_key(&wd) => self.unfollow(n),
-            Ok(wd) if self.slots[n].inode.as_ref() == Some(&wd) => {}
+            Ok(wd) if self.wds.contains_key(&wd) => {}
             Ok(wd) => {
-                self.unfollow(n);
                 self.inodes.entry(wd.clone()).or_default().push(n);
                 self.slots[n].inode = Some(wd);
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                self.unfollow(n);
-                return Some(false);
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Some(false),
             Err(e) => {
                 log::debug!(
                     "{}: cannot watch the file itself ({e}); watching its directory for writes",
@@ -349,7 +356,7 @@ impl Watcher {
 
     /// Slot `n`'s file is missing: its directory is watched for creations.
     fn wait_for_file(&mut self, n: usize) {
-        if let Err(e) = self.amend_last(n, None, WAITING) {
+        if let Err(e) = self.amend_last(n, None, waiting_for_file()) {
             log::warn!("{e}; the file's creation is noticed at the next resync");
         }
     }
@@ -363,7 +370,7 @@ impl Watcher {
         let Some(link) = self.slots[n].links.last_mut() else {
             return;
         };
-        link.mask.remove(WAITING);
+        link.mask.remove(waiting_for_file());
         let wd = link.wd.clone();
         let union = self
             .slots
@@ -559,6 +566,7 @@ mod tests {
     fn arm(mut f: Fixture, by_inode: bool) -> Fixture {
         f.w.proc_fds = by_inode;
         f.w.arm(0).unwrap();
+        f.w.follow_moved();
         assert_eq!(f.w.slots[0].inode.is_some(), by_inode && f.source.exists());
         f.drain();
         f
@@ -716,11 +724,25 @@ mod tests {
     }
 
     #[test]
+    fn a_file_created_and_closed_before_it_is_followed_is_complete() {
+        let mut f = armed(true);
+        fs::remove_file(&f.source).unwrap();
+        f.changes();
+        // Created, written and closed before the agent reads the creation:
+        // the end of the write must be an event too.
+        fs::write(&f.source, "{\"claudeAiOauth\":{").unwrap();
+        assert!(f.changes().contains(&WRITTEN), "the close");
+        fs::write(f.source.with_extension("json.tmp.3"), "{}").unwrap();
+        assert_eq!(f.drain(), vec![], "followed: no longer waiting");
+    }
+
+    #[test]
     fn a_missing_directory_is_waited_for() {
         let mut f = arm(unarmed(false), true);
         fs::create_dir(f.dir()).unwrap();
         assert_eq!(f.changes(), vec![Change::Rearm(0)]);
         f.w.arm(0).unwrap();
+        assert_eq!(f.w.follow_moved(), Vec::<usize>::new(), "no file yet");
         fs::write(&f.source, "{}").unwrap();
         assert!(f.changes().contains(&CREATED), "{:?}", f.w.describe(0));
     }

@@ -133,3 +133,39 @@ fn no_watch_left_for_the_file_itself_falls_back_to_its_directory() {
     );
     agent.stop();
 }
+
+/// Exactly as many watches as directories, with a copy: the files' own
+/// watches must not take the places the copy's directories need (the
+/// agent would exit at every start).
+#[test]
+fn directories_come_before_the_files_own_watches() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: root mapped to root in a user namespace needs root");
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("home/.claude/.credentials.json");
+    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(env.path("shared")).unwrap();
+    write_atomic(&src, &creds(1));
+    let config = env.config(&standard_config(
+        "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
+    ));
+    let dirs: std::collections::BTreeSet<_> = [src.parent().unwrap(), &env.path("shared")]
+        .into_iter()
+        .flat_map(|d| d.ancestors())
+        .map(|d| d.to_path_buf())
+        .collect();
+    let limit = dirs.len().to_string();
+    let (mut cmd, log) = Agent::command(&env, &config, &[]);
+    unsafe { cmd.pre_exec(move || watches_in_a_new_userns(limit.as_bytes())) };
+    let agent = Agent::start_command(cmd, log);
+    let dest = env.path("shared/.credentials.json");
+    assert!(wait_until(Duration::from_secs(5), || read_json(&dest)
+        == Some(copied(&creds_text(&src)))));
+    agent.stop();
+}
+
+fn creds_text(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p).unwrap()
+}

@@ -532,3 +532,40 @@ fn a_write_in_place_right_after_a_rename_is_never_missed() {
     );
     agent.stop();
 }
+
+/// A source deleted, then created, written with a broken (truncated) file
+/// and closed in one go: the close may come before the agent watches the
+/// new inode, and must still count as the end of the write, so the file
+/// is refused with its reason (not taken for a write still under way and
+/// then for a logout).
+#[test]
+fn a_broken_file_created_in_one_go_is_refused_every_time() {
+    let env = Env::new();
+    let (src, agent) = agent_on_creds(&env, PERMS_0644);
+    let started = Instant::now();
+    let mut missed = Vec::new();
+    for i in 0..10u64 {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        fs::remove_file(&src).unwrap();
+        // The agent has seen the file go and waits for it.
+        round_trip(&env, &agent);
+        let before = agent.count("refused");
+        fs::write(&src, "{\"claudeAiOauth\":{").unwrap();
+        if !wait_until(Duration::from_secs(3), || agent.count("refused") > before) {
+            missed.push(i);
+            if missed.len() == 3 {
+                break;
+            }
+        }
+        write_atomic(&src, &creds(10 + i));
+        round_trip(&env, &agent);
+    }
+    assert!(
+        missed.is_empty(),
+        "the broken file was not refused in rounds {missed:?}\n{}",
+        tail(&agent.stderr(), 40)
+    );
+    agent.stop();
+}
