@@ -975,7 +975,7 @@ fn new_watcher(settings: &Settings) -> anyhow::Result<Watcher> {
             copy.map_or_else(|| w.source.clone(), |c| w.copies[c].dest.clone())
         })
         .collect();
-    Watcher::new(&files)
+    Watcher::new(&files, settings.watches.len())
         .context("creating the inotify instance (fs.inotify.max_user_instances reached?)")
 }
 

@@ -90,8 +90,10 @@ struct Slot {
     /// The name was created, moved or deleted since: follow it again.
     moved: bool,
     /// The directory's watch reports the file's writes instead of an
-    /// inode watch (see [`wide_leaf_mask`]).
+    /// inode watch (see [`wide`]).
     wide: bool,
+    /// Always watched through its directory (a copy).
+    by_dir: bool,
 }
 
 pub struct Watcher {
@@ -108,11 +110,16 @@ pub struct Watcher {
 
 impl Watcher {
     /// One slot per absolute file path (sources, then copies); nothing is
-    /// watched until [`arm`](Self::arm).
-    pub fn new(files: &[PathBuf]) -> std::io::Result<Watcher> {
+    /// watched until [`arm`](Self::arm). The first `by_inode` files (the
+    /// sources, in a CLI's busy directory) are watched on their inodes; the
+    /// others (copies, in quiet directories where only the agent writes)
+    /// through their directory's watch, which costs the agent's own
+    /// replacements nothing more.
+    pub fn new(files: &[PathBuf], by_inode: usize) -> std::io::Result<Watcher> {
         let slots = files
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(n, s)| {
                 let (dir, file) = crate::config::split_file(s);
                 Slot {
                     dir: dir.to_path_buf(),
@@ -122,6 +129,7 @@ impl Watcher {
                     inode: None,
                     moved: false,
                     wide: false,
+                    by_dir: n >= by_inode,
                 }
             })
             .collect();
@@ -251,7 +259,7 @@ impl Watcher {
                 Err(e) => return Err(e),
             }
         }
-        let wide = !self.proc_fds;
+        let wide = !self.proc_fds || self.slots[n].by_dir;
         let mask = if wide {
             dir_mask() | self::wide()
         } else {
@@ -559,7 +567,7 @@ mod tests {
         let source = tmp.path().join("home/.claude").join(NAME);
         let dir = source.parent().unwrap();
         fs::create_dir_all(if with_dir { dir } else { dir.parent().unwrap() }).unwrap();
-        let w = Watcher::new(std::slice::from_ref(&source)).unwrap();
+        let w = Watcher::new(std::slice::from_ref(&source), 1).unwrap();
         Fixture { tmp, source, w }
     }
 
