@@ -214,11 +214,6 @@ pub fn reconcile_seen(
     // canonical form and a hash) after it.
     let (mut changes, mut errors) = (Vec::new(), Vec::new());
     let given = apply_permissions(w, &file, chain.as_ref(), dry_run, &mut changes, &mut errors);
-    let mut left = Seen::of(&file.stat, &file.bytes.0);
-    if let Some(mode) = given {
-        left.mode = (left.mode & !0o7777) | mode;
-    }
-    *seen = Some(left);
     let fingerprint = v.fingerprint();
     let mut out = Valid {
         fingerprint,
@@ -235,6 +230,12 @@ pub fn reconcile_seen(
         written: BTreeMap::new(),
     };
     apply_copies(w, &file, &v, ctx, &mut out);
+    // After the actions: a hash of the bytes is not on their path.
+    let mut left = Seen::of(&file.stat, &file.bytes.0);
+    if let Some(mode) = given {
+        left.mode = (left.mode & !0o7777) | mode;
+    }
+    *seen = Some(left);
     Ok(Reconciled::Applied(out))
 }
 
