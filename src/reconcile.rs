@@ -157,6 +157,16 @@ impl Seen {
         }
     }
 
+    /// `file` as read and as the actions left it (`given` the mode it was
+    /// given, if any).
+    fn left(file: &SourceFile, given: Option<u32>) -> Seen {
+        let mut seen = Seen::of(&file.stat, &file.bytes.0);
+        if let Some(mode) = given {
+            seen.mode = (seen.mode & !0o7777) | mode;
+        }
+        seen
+    }
+
     /// Whether a file read now as `st` and `bytes` is the one seen.
     pub fn matches(&self, st: &nix::sys::stat::FileStat, bytes: &[u8]) -> bool {
         *self == Seen::of(st, bytes)
@@ -206,7 +216,7 @@ pub fn reconcile_seen(
     let v = match validate::validate(w.format, &file.bytes.0, now, last, w.policy()) {
         Ok(v) => v,
         Err(r) => {
-            *seen = Some(Seen::of(&file.stat, &file.bytes.0));
+            *seen = Some(Seen::left(&file, None));
             return Ok(Reconciled::Invalid(r));
         }
     };
@@ -219,11 +229,7 @@ pub fn reconcile_seen(
         fingerprint,
         expires_at: v.expires_at,
         content_changed: last.is_none_or(|l| l.fingerprint != fingerprint),
-        written_ms: file
-            .stat
-            .st_ctime
-            .saturating_mul(1000)
-            .saturating_add(file.stat.st_ctime_nsec / 1_000_000),
+        written_ms: ctime_ms(&file.stat),
         changes,
         notices: v.warnings.iter().map(|s| Notice::Format(s)).collect(),
         errors,
@@ -231,12 +237,15 @@ pub fn reconcile_seen(
     };
     apply_copies(w, &file, &v, ctx, &mut out);
     // After the actions: a hash of the bytes is not on their path.
-    let mut left = Seen::of(&file.stat, &file.bytes.0);
-    if let Some(mode) = given {
-        left.mode = (left.mode & !0o7777) | mode;
-    }
-    *seen = Some(left);
+    *seen = Some(Seen::left(&file, given));
     Ok(Reconciled::Applied(out))
+}
+
+/// When the file was written (its change time), in ms since the epoch.
+fn ctime_ms(st: &nix::sys::stat::FileStat) -> i64 {
+    st.st_ctime
+        .saturating_mul(1000)
+        .saturating_add(st.st_ctime_nsec / 1_000_000)
 }
 
 /// Returns the mode the file was given, if it was changed.
