@@ -29,7 +29,12 @@ fn a_changed_copy_is_restored_at_once_and_its_readers_restarted() {
         "{}",
         agent.stderr()
     );
-    assert!(agent.stderr().contains("was modified by another writer"));
+    // Said once the copy is back (the log line follows the rename).
+    assert!(
+        agent.wait_log("was modified by another writer", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
     assert!(
         wait_until(Duration::from_secs(5), || env.restarts().len() == 1),
         "readers restarted once: {:?}\n{}",
