@@ -51,16 +51,32 @@ fn no_watches_in_a_new_userns() -> io::Result<()> {
     watches_in_a_new_userns(b"0")
 }
 
+/// Root mapped to root needs root: otherwise the test says it is skipped.
+fn as_root() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: root mapped to root in a user namespace needs root");
+    }
+    root
+}
+
+/// The agent on `config`, in a new user namespace that allows `limit`
+/// inotify watches; waits until it is ready.
+fn agent_limited_to(env: &Env, config: &std::path::Path, limit: usize) -> Agent {
+    let limit = limit.to_string();
+    let (mut cmd, log) = Agent::command(env, config, &[]);
+    unsafe { cmd.pre_exec(move || watches_in_a_new_userns(limit.as_bytes())) };
+    Agent::start_command(cmd, log)
+}
+
 #[test]
 fn watch_limit_is_a_clear_fatal_error() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: root mapped to root in a user namespace needs root");
+    if !as_root() {
         return;
     }
     let host_limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches").unwrap();
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(&standard_config("[watch.permissions]\n"));
     let mut cmd = Command::new(BIN);
@@ -91,20 +107,15 @@ fn watch_limit_is_a_clear_fatal_error() {
 /// directory for every write instead, and misses no write in place.
 #[test]
 fn no_watch_left_for_the_file_itself_falls_back_to_its_directory() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: root mapped to root in a user namespace needs root");
+    if !as_root() {
         return;
     }
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     write_atomic(&src, &creds(1));
     let config = env.config(&standard_config("[watch.permissions]\n"));
     // One watch per directory from `/` down to the source's.
-    let dirs = src.parent().unwrap().ancestors().count().to_string();
-    let (mut cmd, log) = Agent::command(&env, &config, &[]);
-    unsafe { cmd.pre_exec(move || watches_in_a_new_userns(dirs.as_bytes())) };
-    let agent = Agent::start_command(cmd, log);
+    let agent = agent_limited_to(&env, &config, src.parent().unwrap().ancestors().count());
     assert!(
         agent.wait_log("cannot watch the file itself", Duration::from_secs(5)),
         "{}",
@@ -139,13 +150,11 @@ fn no_watch_left_for_the_file_itself_falls_back_to_its_directory() {
 /// agent would exit at every start).
 #[test]
 fn directories_come_before_the_files_own_watches() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: root mapped to root in a user namespace needs root");
+    if !as_root() {
         return;
     }
     let env = Env::new();
-    let src = env.path("home/.claude/.credentials.json");
-    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    let src = source_path(&env);
     std::fs::create_dir_all(env.path("shared")).unwrap();
     write_atomic(&src, &creds(1));
     let config = env.config(&standard_config(
@@ -156,16 +165,10 @@ fn directories_come_before_the_files_own_watches() {
         .flat_map(|d| d.ancestors())
         .map(|d| d.to_path_buf())
         .collect();
-    let limit = dirs.len().to_string();
-    let (mut cmd, log) = Agent::command(&env, &config, &[]);
-    unsafe { cmd.pre_exec(move || watches_in_a_new_userns(limit.as_bytes())) };
-    let agent = Agent::start_command(cmd, log);
+    let agent = agent_limited_to(&env, &config, dirs.len());
     let dest = env.path("shared/.credentials.json");
+    let want = copied(&std::fs::read_to_string(&src).unwrap());
     assert!(wait_until(Duration::from_secs(5), || read_json(&dest)
-        == Some(copied(&creds_text(&src)))));
+        == Some(want.clone())));
     agent.stop();
-}
-
-fn creds_text(p: &std::path::Path) -> String {
-    std::fs::read_to_string(p).unwrap()
 }
