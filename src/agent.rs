@@ -870,18 +870,15 @@ impl Agent {
         Ok(true)
     }
 
-    /// A replaced (or newly armed) file is watched on its new inode only
+    /// A replaced (or newly armed) source is watched on its new inode only
     /// now, after the fix (off the path from the event to it); what changed
     /// since it was read had no event, so it is read once more. `touched`
-    /// says which watches were read for an incomplete write.
+    /// says which watches were read for an incomplete write. (Copies are
+    /// watched through their directory, never followed: only sources come
+    /// back, and a source's slot is its watch's index.)
     fn follow_moved(&mut self, touched: &[Option<bool>]) {
-        for slot in self.watcher.follow_moved() {
-            let (n, copy) = self.roles[slot];
-            let unchanged = match copy {
-                Some(c) => self.copy_is_ours(slot, n, c),
-                None => self.unchanged_since_read(n),
-            };
-            if !unchanged {
+        for n in self.watcher.follow_moved() {
+            if !self.unchanged_since_read(n) {
                 self.process(n, touched.get(n).copied().flatten().unwrap_or(true));
             }
         }

@@ -307,7 +307,8 @@ impl Watcher {
     /// ([`follow`](Self::follow)). The agent calls this after it has acted
     /// on the batch, so that watching the new inode is not on the path
     /// from an event to its fix; it returns the slots whose file must be
-    /// read once more, since a write between that read and now had no event.
+    /// read once more, since a write between that read and now had no event
+    /// (only slots watched on their inodes: never a copy).
     pub fn follow_moved(&mut self) -> Vec<usize> {
         (0..self.slots.len())
             .filter(|&n| self.slots[n].moved && self.follow(n))
