@@ -355,12 +355,12 @@ fn check_expiry(expires_at: i64, now_ms: i64, policy: Policy) -> Result<(), Refu
     Ok(())
 }
 
-/// Refuses an older credential than the last applied one. A last applied
-/// `expiresAt` that would be refused today (beyond `max_lifetime`, or not a
-/// date: written by an older version) is no baseline: it would wedge every
-/// later refresh. Then the file is accepted with a warning.
-/// An older `expiresAt` than the one last applied, with a different
-/// credential (the fingerprint is only computed for an older one).
+/// Refuses an older credential than the last applied one: an older
+/// `expiresAt` with a different credential (the fingerprint is computed
+/// only for an older one). A last applied `expiresAt` that would be refused
+/// today (beyond `max_lifetime`, or not a date: written by an older
+/// version) is no baseline: it would wedge every later refresh. Then the
+/// file is accepted with a warning.
 fn check_rollback(
     v: &Validated,
     expires_at: i64,
