@@ -115,8 +115,12 @@ pub struct Agent {
     roles: Vec<(usize, Option<usize>)>,
     /// One per watch, in the order of `settings.watches`.
     trackers: Vec<Tracker>,
-    /// Each watch's source as last read and acted on.
-    seen: Vec<Option<reconcile::Seen>>,
+    /// Each watch's source as last read and acted on, still open.
+    last_read: Vec<Option<reconcile::LastRead>>,
+    /// Sources read before the last read, closed once the batch of events
+    /// is acted on: closing may free the replaced inode, which can wait on
+    /// the disk.
+    retired: Vec<reconcile::LastRead>,
     sched: Scheduler,
     worker: Worker,
     /// Held for the agent's life: one agent per state directory.
@@ -168,7 +172,8 @@ impl Agent {
         Ok(Agent {
             config_path,
             trackers: trackers(&settings, &state),
-            seen: vec![None; settings.watches.len()],
+            last_read: nothing_read(settings.watches.len()),
+            retired: Vec::new(),
             roles: slot_roles(&settings),
             sched: Scheduler::new(settings.agent.settle),
             settings,
@@ -305,7 +310,7 @@ impl Agent {
         for n in 0..self.trackers.len() {
             self.process(n, true);
         }
-        self.follow_moved(&[]);
+        self.batch_done(&[]);
         self.state.agent.last_reconcile_ms = Some(now_ms());
         let problems: Vec<String> = self
             .settings
@@ -342,9 +347,10 @@ impl Agent {
             dry_run: false,
             rescue_dir: &self.settings.agent.state_dir,
         };
-        let mut seen = None;
-        let result = reconcile::reconcile_seen(w, self.watcher.dir_fd(n), &ctx, &mut seen);
-        self.seen[n] = seen;
+        let mut read = None;
+        let result = reconcile::reconcile_seen(w, self.watcher.dir_fd(n), &ctx, &mut read);
+        self.retired
+            .extend(std::mem::replace(&mut self.last_read[n], read));
         let rec = self.state.watches.entry(w.name.clone()).or_default();
         let before = rec.clone();
         let effects = self.trackers[n].on_read(w, rec, result, complete, now);
@@ -630,7 +636,7 @@ impl Agent {
                 crate::logging::set_level(new.agent.log_level.filter());
                 self.sched.set_settle(new.agent.settle);
                 self.trackers = trackers(&new, &self.state);
-                self.seen = vec![None; new.watches.len()];
+                self.last_read = nothing_read(new.watches.len());
                 self.roles = slot_roles(&new);
                 self.watcher = watcher;
                 if let Some(lock) = lock {
@@ -866,8 +872,15 @@ impl Agent {
                 self.process(n, complete);
             }
         }
-        self.follow_moved(&touched);
+        self.batch_done(&touched);
         Ok(true)
+    }
+
+    /// After a batch of events (or a reconcile of everything) is acted on:
+    /// new inodes are followed, and the files read before are closed.
+    fn batch_done(&mut self, touched: &[Option<bool>]) {
+        self.follow_moved(touched);
+        self.retired.clear();
     }
 
     /// A replaced (or newly armed) source is watched on its new inode only
@@ -886,13 +899,13 @@ impl Agent {
 
     /// Watch `n`'s source is still as its last read and the actions left it.
     fn unchanged_since_read(&self, n: usize) -> bool {
-        let (Some(seen), Some(dir)) = (self.seen[n], self.watcher.dir_fd(n)) else {
+        let (Some(read), Some(dir)) = (&self.last_read[n], self.watcher.dir_fd(n)) else {
             return false;
         };
         let (dir_path, name) = self.settings.watches[n].source_dir_and_name();
         matches!(
             crate::fsutil::read_entry(dir, dir_path, name, crate::source::MAX_SIZE),
-            Ok(Some((st, bytes))) if seen.matches(&st, &bytes)
+            Ok(Some((st, bytes))) if read.seen.matches(&st, &bytes)
         )
     }
 
@@ -924,6 +937,10 @@ impl Agent {
 }
 
 /// Fresh per-watch trackers, continuing from what the state knows.
+fn nothing_read(watches: usize) -> Vec<Option<reconcile::LastRead>> {
+    std::iter::repeat_with(|| None).take(watches).collect()
+}
+
 fn trackers(settings: &Settings, state: &State) -> Vec<Tracker> {
     settings
         .watches

@@ -145,6 +145,28 @@ pub struct Seen {
     content: Fingerprint,
 }
 
+/// The source as last read: what it looked like ([`Seen`]) and the
+/// descriptor it was read through. The agent keeps it open until the next
+/// read has been acted on: a CLI's rename then only unlinks the inode it
+/// replaces, and freeing that inode (its blocks, a synchronous discard on a
+/// `discard` mount, its inotify watch) happens in the agent after its fix,
+/// not inside the CLI's rename. Never shared: only a regular file with one
+/// link that the agent opened itself gets here.
+#[derive(Debug)]
+pub struct LastRead {
+    pub seen: Seen,
+    pub file: std::os::fd::OwnedFd,
+}
+
+impl LastRead {
+    fn left(file: SourceFile, given: Option<u32>) -> LastRead {
+        LastRead {
+            seen: Seen::left(&file, given),
+            file: file.fd,
+        }
+    }
+}
+
 impl Seen {
     fn of(st: &nix::sys::stat::FileStat, bytes: &[u8]) -> Seen {
         Seen {
@@ -182,15 +204,15 @@ pub fn reconcile(
     reconcile_seen(w, dir, ctx, &mut None)
 }
 
-/// [`reconcile`], also recording in `seen` the file as it was read and as
-/// the actions left it (`None` when nothing was read).
+/// [`reconcile`], also returning in `read` the file as it was read and as
+/// the actions left it, still open (`None` when nothing was read).
 pub fn reconcile_seen(
     w: &WatchSettings,
     dir: Option<BorrowedFd>,
     ctx: &Inputs,
-    seen: &mut Option<Seen>,
+    read: &mut Option<LastRead>,
 ) -> Result<Reconciled, FsError> {
-    *seen = None;
+    *read = None;
     let (last, dry_run) = (ctx.last, ctx.dry_run);
     let (dir_path, name) = w.source_dir_and_name();
     // With `traverse`, the source is read through a fresh walk whose
@@ -216,7 +238,7 @@ pub fn reconcile_seen(
     let v = match validate::validate(w.format, &file.bytes.0, now, last, w.policy()) {
         Ok(v) => v,
         Err(r) => {
-            *seen = Some(Seen::left(&file, None));
+            *read = Some(LastRead::left(file, None));
             return Ok(Reconciled::Invalid(r));
         }
     };
@@ -237,7 +259,7 @@ pub fn reconcile_seen(
     };
     apply_copies(w, &file, &v, ctx, &mut out);
     // After the actions: a hash of the bytes is not on their path.
-    *seen = Some(Seen::left(&file, given));
+    *read = Some(LastRead::left(file, given));
     Ok(Reconciled::Applied(out))
 }
 

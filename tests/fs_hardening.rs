@@ -569,3 +569,55 @@ fn a_broken_file_created_in_one_go_is_refused_every_time() {
     );
     agent.stop();
 }
+
+/// The files below `src`'s name that process `pid` holds open: each one's
+/// inode and whether its name is gone (replaced or deleted).
+fn held_open(pid: i32, src: &Path) -> Vec<(u64, bool)> {
+    let name = src.to_string_lossy().into_owned();
+    let mut held = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let Ok(target) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let Some(rest) = target.strip_prefix(&name) else {
+            continue;
+        };
+        if let Ok(meta) = fs::metadata(entry.path()) {
+            held.push((meta.ino(), rest == " (deleted)"));
+        }
+    }
+    held
+}
+
+/// The agent keeps the source it last read open, so that a CLI's rename
+/// only unlinks the file it replaces (freeing the inode can wait on the
+/// disk) and the agent frees it after its fix. A replaced or deleted
+/// source is closed once the change is acted on: no old token stays
+/// reachable through the agent.
+#[test]
+fn the_source_read_last_is_kept_open_and_a_replaced_one_released() {
+    let env = Env::new();
+    let (src, agent) = agent_on_creds(&env, PERMS_0644);
+    assert!(wait_until(Duration::from_secs(5), || mode(&src) == 0o644));
+    for seq in 2..6 {
+        write_atomic(&src, &creds(seq));
+        // Proof the rename was handled: a reconcile recorded after it.
+        round_trip(&env, &agent);
+        let current = fs::metadata(&src).unwrap().ino();
+        assert_eq!(
+            held_open(agent.pid(), &src),
+            vec![(current, false)],
+            "after the rename of creds({seq}), the agent holds open exactly the current source\n{}",
+            tail(&agent.stderr(), 20)
+        );
+    }
+    fs::remove_file(&src).unwrap();
+    round_trip(&env, &agent);
+    assert_eq!(
+        held_open(agent.pid(), &src),
+        vec![],
+        "a deleted source is not kept open"
+    );
+    agent.stop();
+}
