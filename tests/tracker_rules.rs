@@ -73,6 +73,13 @@ fn restart_log_lines_say_when_the_restart_really_happens() {
         agent.stderr()
     );
     assert!(wait_until(Duration::from_secs(5), || env.restarts().len() == 1));
+    // The recorder writes its line before the agent learns the restart is
+    // done: a change in between is "once the restart under way has finished".
+    assert!(
+        agent.wait_log("restarted bridge.service", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
     write_atomic(&src, &creds(3));
     assert!(
         agent.wait_log(
