@@ -117,9 +117,9 @@ pub struct Agent {
     trackers: Vec<Tracker>,
     /// Each watch's source as last read and acted on, still open.
     last_read: Vec<Option<reconcile::LastRead>>,
-    /// Sources read before the last read, closed once the batch of events
-    /// is acted on: closing may free the replaced inode, which can wait on
-    /// the disk.
+    /// Sources read before the last read, closed once the batch of reads
+    /// that replaced them is acted on ([`Agent::batch_done`]): closing may
+    /// free the replaced inode, which can wait on the disk.
     retired: Vec<reconcile::LastRead>,
     sched: Scheduler,
     worker: Worker,
@@ -511,6 +511,8 @@ impl Agent {
             }
             self.execute(n, effects, now);
         }
+        // A retry reads the source again, outside any batch of events.
+        self.batch_done(&[]);
         let jobs = self.sched.take_due(now.at);
         if !jobs.is_empty() {
             for job in &jobs {
@@ -876,8 +878,9 @@ impl Agent {
         Ok(true)
     }
 
-    /// After a batch of events (or a reconcile of everything) is acted on:
-    /// new inodes are followed, and the files read before are closed.
+    /// After a batch of reads (events, a reconcile of everything, or the
+    /// retries due) is acted on: new inodes are followed, and the files
+    /// read before are closed.
     fn batch_done(&mut self, touched: &[Option<bool>]) {
         self.follow_moved(touched);
         self.retired.clear();
@@ -936,11 +939,12 @@ impl Agent {
     }
 }
 
-/// Fresh per-watch trackers, continuing from what the state knows.
+/// No source read yet, for each of `watches`.
 fn nothing_read(watches: usize) -> Vec<Option<reconcile::LastRead>> {
     std::iter::repeat_with(|| None).take(watches).collect()
 }
 
+/// Fresh per-watch trackers, continuing from what the state knows.
 fn trackers(settings: &Settings, state: &State) -> Vec<Tracker> {
     settings
         .watches

@@ -621,3 +621,37 @@ fn the_source_read_last_is_kept_open_and_a_replaced_one_released() {
     );
     agent.stop();
 }
+
+/// A retry (here a copy that keeps failing) reads the source again outside
+/// any batch of events: the file read before is closed all the same, so
+/// retries never pile up open files.
+#[test]
+fn retries_keep_only_the_source_read_last_open() {
+    let env = Env::new();
+    fs::write(
+        env.path("shared"),
+        "a file where the copy's directory should be",
+    )
+    .unwrap();
+    let (src, agent) = agent_on_creds(
+        &env,
+        "[[watch.copy]]\ndest = \"{ROOT}/shared/.credentials.json\"\n",
+    );
+    // The first retry comes 1 s after the first failure, the next 2 s later.
+    assert!(
+        wait_until(Duration::from_secs(10), || agent.count("retrying in") >= 2),
+        "{}",
+        tail(&agent.stderr(), 20)
+    );
+    let current = fs::metadata(&src).unwrap().ino();
+    let mut held = Vec::new();
+    assert!(
+        wait_until(Duration::from_millis(1500), || {
+            held = held_open(agent.pid(), &src);
+            held == vec![(current, false)]
+        }),
+        "after a retry the agent holds open exactly the current source, not {held:?}\n{}",
+        tail(&agent.stderr(), 20)
+    );
+    agent.stop();
+}
