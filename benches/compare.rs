@@ -393,12 +393,10 @@ fn cred_watch(bin: &Path, root: &Path, watches: &str) -> Proc {
     Proc::spawn_logged(&mut cmd, log)
 }
 
-fn floor_watcher(me: &Path, dir: &Path) -> Proc {
-    Proc::spawn(Command::new(me).arg("floor").arg(dir))
-}
-
-fn held_floor_watcher(me: &Path, dir: &Path) -> Proc {
-    Proc::spawn(Command::new(me).arg("floor-held").arg(dir))
+/// The floor on `dir` ([`floor`]); with `hold`, keeping the file it fixed open.
+fn floor_watcher(me: &Path, dir: &Path, hold: bool) -> Proc {
+    let mode = if hold { "floor-held" } else { "floor" };
+    Proc::spawn(Command::new(me).arg(mode).arg(dir))
 }
 
 fn script(body: &str) -> Proc {
@@ -605,7 +603,7 @@ fn noise_section(me: &Path, bin: &Path, before: Option<&Path>, base: &Path, secs
             let src = up.join("home/.claude");
             fs::create_dir_all(&src).unwrap();
             let p = match b {
-                None => floor_watcher(me, &src),
+                None => floor_watcher(me, &src, false),
                 Some(b) => cred_watch(
                     b,
                     &up,
@@ -856,7 +854,7 @@ fn main() {
         let mut contenders: Vec<(&str, &str, PathBuf, Proc)> = vec![
             {
                 let d = fresh_dir(base, &format!("floor-{round}")).join("claude");
-                let p = floor_watcher(&me, &d);
+                let p = floor_watcher(&me, &d, false);
                 (
                     FLOOR,
                     "floor: inotify + fchmod loop (the bench binary)",
@@ -866,7 +864,7 @@ fn main() {
             },
             {
                 let d = fresh_dir(base, &format!("floor-held-{round}")).join("claude");
-                let p = held_floor_watcher(&me, &d);
+                let p = floor_watcher(&me, &d, true);
                 (FLOOR_HELD, FLOOR_HELD, d, p)
             },
             {

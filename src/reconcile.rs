@@ -155,6 +155,7 @@ pub struct Seen {
 #[derive(Debug)]
 pub struct LastRead {
     pub seen: Seen,
+    /// Never used for anything: only kept open, and closed when dropped.
     pub file: std::os::fd::OwnedFd,
 }
 
