@@ -1335,7 +1335,19 @@ fn account(
     } else {
         "user"
     };
-    resolve(&name.value).ok_or_else(|| err_at(sources, &name.loc, key, format!("unknown {what}")))
+    let account = resolve(&name.value)
+        .ok_or_else(|| err_at(sources, &name.loc, key, format!("unknown {what}")))?;
+    // (uid_t)-1 tells chown "leave unchanged": an owner never given, so the
+    // copy would never match and be rewritten forever.
+    if account.id == u32::MAX {
+        return Err(err_at(
+            sources,
+            &name.loc,
+            key,
+            format!("id 4294967295 means \"unchanged\" to the kernel, not a {what}"),
+        ));
+    }
+    Ok(account)
 }
 
 fn valid_unit_name(u: &str) -> bool {

@@ -158,6 +158,40 @@ const BAD_VALUES: &[(&str, &str, usize, &str)] = &[
     ("\"bridge.service\"", "\"SECRET unit\"", 17, "watch.restart.units"),
 ];
 
+/// Attack: uid/gid 4294967295 is (uid_t)-1, "leave unchanged" to chown. A
+/// copy owned by it never matches what was asked, so the agent rewrote the
+/// copy endlessly (hundreds of times a second); it is a configuration error.
+#[test]
+fn the_id_meaning_unchanged_is_no_owner_or_group() {
+    let env = Env::new();
+    let cases = [
+        (
+            "mode = \"0640\"",
+            "owner = \"4294967295\"",
+            14,
+            "watch.copy.owner",
+        ),
+        (
+            "mode = \"0640\"",
+            "group = \"4294967295\"",
+            14,
+            "watch.copy.group",
+        ),
+        (
+            "name = \"claude\"",
+            "name = \"claude\"\nsource_owner = \"4294967295\"",
+            7,
+            "watch.source_owner",
+        ),
+    ];
+    for (from, to, line, key) in cases {
+        assert_refused(&env, &edit(from, to), line, key, "\"unchanged\"", &[]);
+    }
+    // The largest id that is one is still accepted.
+    let config = env.config(&edit("mode = \"0640\"", "owner = \"4294967294\""));
+    assert_eq!(check(&env, &config).0, 0);
+}
+
 /// Item 7: a mode with setuid, setgid or sticky bits is a configuration error.
 #[test]
 fn modes_with_special_bits_are_refused() {
