@@ -704,15 +704,14 @@ pub fn main_path(cli: Option<&Path>) -> PathBuf {
 /// (lexical order, later wins), then validates. The main file may be a
 /// symlink (administrators do that); a drop-in never is.
 pub fn load(main: &Path) -> Result<Settings, ConfigError> {
-    let text = std::fs::read_to_string(main)
-        .map_err(|e| plain_error(main, format!("cannot read: {e}")))?;
+    let text = read_config_file(main, false)?;
     let mut sources = vec![Source {
         path: main.to_path_buf(),
         text,
     }];
     let dropin_dir = main.parent().unwrap_or(Path::new(".")).join("conf.d");
     for path in dropin_paths(&dropin_dir)? {
-        let text = read_dropin(&path)?;
+        let text = read_config_file(&path, true)?;
         sources.push(Source { path, text });
     }
     load_sources(&sources)
@@ -740,17 +739,28 @@ fn dropin_paths(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(paths)
 }
 
-/// Reads a drop-in without following a symlink (`O_NOFOLLOW`) and without
-/// blocking on a FIFO; it must be a regular file.
-fn read_dropin(path: &Path) -> Result<String, ConfigError> {
+/// Configuration files are small: a bigger one is a mistake (`/dev/zero`,
+/// a log file), not read into memory.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file without blocking on a FIFO; it must be a
+/// regular file of at most [`MAX_CONFIG_BYTES`]. A drop-in is never a
+/// symlink (`O_NOFOLLOW`); the main file may be one.
+fn read_config_file(path: &Path, dropin: bool) -> Result<String, ConfigError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
+    let nofollow = if dropin { libc::O_NOFOLLOW } else { 0 };
+    let what = if dropin {
+        "a drop-in"
+    } else {
+        "the configuration"
+    };
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(nofollow | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => plain_error(
+            Some(libc::ELOOP) if dropin => plain_error(
                 path,
                 "is a symbolic link: a drop-in must be a regular file (not followed)".into(),
             ),
@@ -760,14 +770,21 @@ fn read_dropin(path: &Path) -> Result<String, ConfigError> {
     if !regular {
         return Err(plain_error(
             path,
-            "is not a regular file: a drop-in must be one".into(),
+            format!("is not a regular file: {what} must be one"),
         ));
     }
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     (&file)
-        .read_to_string(&mut text)
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| plain_error(path, format!("cannot read: {e}")))?;
-    Ok(text)
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(plain_error(
+            path,
+            format!("is larger than 1 MiB: {what} cannot be that big"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| plain_error(path, "is not UTF-8 text".into()))
 }
 
 /// Validates configuration text as if it were the main file at `path`

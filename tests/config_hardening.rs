@@ -192,6 +192,48 @@ fn the_id_meaning_unchanged_is_no_owner_or_group() {
     assert_eq!(check(&env, &config).0, 0);
 }
 
+/// Attack: `--config /dev/zero` read memory without end and a FIFO as the
+/// main file blocked `check` and start-up. The main file must be a regular
+/// file (a symlink to one is fine) of at most 1 MiB.
+#[test]
+fn the_main_file_is_a_regular_file_of_bounded_size() {
+    let env = Env::new();
+    let fifo = env.path("etc/fifo.toml");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let config = env.config(BASE);
+    let big = env.path("etc/big.toml");
+    let padding = "# padding\n".repeat((1 << 20) / 10);
+    fs::write(
+        &big,
+        format!("{}{padding}", fs::read_to_string(&config).unwrap()),
+    )
+    .unwrap();
+    let cases = [
+        (fifo.as_path(), "is not a regular file"),
+        (Path::new("/dev/zero"), "is not a regular file"),
+        (big.as_path(), "is larger than 1 MiB"),
+    ];
+    for (path, reason) in cases {
+        let (code, err) = bounded(
+            &env,
+            &["check", "--config", path.to_str().unwrap()],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("check --config {} did not return", path.display()));
+        assert_eq!(code, 78, "{}: {err}", path.display());
+        assert!(
+            err.contains(&format!("{}: {reason}", path.display())),
+            "{}: {err}",
+            path.display()
+        );
+    }
+    // Cut to exactly 1 MiB (inside a comment), the same file is read.
+    let text = fs::read_to_string(&big).unwrap();
+    fs::write(&big, &text[..1 << 20]).unwrap();
+    assert_eq!(check(&env, &big).0, 0, "{}", check(&env, &big).2);
+}
+
 /// Item 7: a mode with setuid, setgid or sticky bits is a configuration error.
 #[test]
 fn modes_with_special_bits_are_refused() {

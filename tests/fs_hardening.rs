@@ -9,7 +9,6 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -241,33 +240,6 @@ fn squatted_temp_names_do_not_block_copies() {
     );
     let (status, _) = agent.stop();
     assert!(status.success());
-}
-
-/// Runs a one-shot command with a deadline (a FIFO could block it).
-fn bounded(env: &Env, args: &[&str], limit: Duration) -> Option<(i32, String)> {
-    let log = env.path("bounded.log");
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("JOURNAL_STREAM")
-        .env_remove("NOTIFY_SOCKET")
-        .env("CRED_WATCH_TEST_RESTART_LOG", env.restart_log())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut status = None;
-    wait_until(limit, || {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    });
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-        return None;
-    }
-    let err = fs::read_to_string(&log).unwrap();
-    assert_no_secret(&err, "stderr");
-    Some((status.unwrap().code().unwrap_or(-1), err))
 }
 
 /// Item 12: `state_dir` and `state.json` that someone else could plant or

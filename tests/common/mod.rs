@@ -395,3 +395,30 @@ pub fn round_trip_after(env: &Env, agent: &Agent, at_ms: i64) -> serde_json::Val
     );
     round_trip(env, agent)
 }
+
+/// Runs a one-shot command with a deadline (a FIFO could block it).
+pub fn bounded(env: &Env, args: &[&str], limit: Duration) -> Option<(i32, String)> {
+    let log = env.path("bounded.log");
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .env("CRED_WATCH_TEST_RESTART_LOG", env.restart_log())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_until(limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    let err = fs::read_to_string(&log).unwrap();
+    assert_no_secret(&err, "stderr");
+    Some((status.unwrap().code().unwrap_or(-1), err))
+}
